@@ -1,0 +1,59 @@
+"""Published checkpoint file -> our weights: read, unwrap, rename, strict load, save."""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import check_checkpoint_file, checkpoint_filter_fn
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a ``.pth``/``.pt`` (torch.save) or ``.safetensors`` file onto the CPU.
+
+    Raises:
+        FileNotFoundError, ValueError: with what was wrong, for a missing or non-checkpoint file.
+    """
+    check_checkpoint_file(path)
+    if str(path).endswith(".safetensors"):
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict or a training "
+            "checkpoint dict"
+        )
+    return checkpoint
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, model_name: str, **model_kwargs: Any
+) -> dict[str, Any]:
+    """Convert a published (or our own) checkpoint into a verified ``.safetensors`` file.
+
+    The weights are mapped by ``checkpoint_filter_fn`` and loaded strictly into
+    ``model_name`` built with ``model_kwargs``; the file's metadata records both.
+
+    Returns:
+        ``{"model", "num_params", "sha256", "path"}``.
+    """
+    model = timm.create_model(model_name, **model_kwargs)
+    state_dict = checkpoint_filter_fn(read_checkpoint(src), model)
+    model.load_state_dict(state_dict, strict=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    metadata = {"model": model_name, "model_kwargs": json.dumps(model_kwargs), "format": "pt"}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(dst)
+    digest = hashlib.sha256(dst.read_bytes()).hexdigest()
+    num_params = sum(p.numel() for p in model.parameters())
+    return {"model": model_name, "num_params": num_params, "sha256": digest, "path": str(dst)}

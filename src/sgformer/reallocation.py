@@ -1,0 +1,184 @@
+"""Significance maps and token reallocation (SPEC "Attention").
+
+A hybrid-scale block scores every token by the attention it receives; the self-guided block
+after it sorts tokens by that score and merges runs of them, coarsely where the score is low
+and finely where it is high. Everything here is a pure function of tensors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+SIGNIFICANCE_SOURCES = ("hybrid", "local", "global", "uniform")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A slice of the ascending significance order and the size of the runs merged in it.
+
+    ``start`` and ``end`` are fractions of N given as (numerator, denominator) so integer
+    bounds are exact: ``N * num // den``.
+    """
+
+    start: tuple[int, int]
+    end: tuple[int, int]
+    group_size: int
+
+
+# SPEC "Self-guided attention", step 2: buckets of the sorted order, least significant first,
+# and the published merge sizes (the shapes of the checkpoint's f1, f2, f3 weights).
+REALLOCATION_BUCKETS: dict[int, tuple[Bucket, ...]] = {
+    8: (Bucket((0, 4), (1, 4), 196), Bucket((1, 4), (3, 4), 56), Bucket((3, 4), (4, 4), 28)),
+    4: (Bucket((0, 4), (1, 4), 49), Bucket((1, 4), (3, 4), 14), Bucket((3, 4), (4, 4), 7)),
+    2: (Bucket((0, 2), (1, 2), 2), Bucket((1, 2), (2, 2), 1)),
+}
+
+
+def buckets_for(sr_ratio: int) -> tuple[Bucket, ...]:
+    """The bucket layout of a stage with reduction ratio ``sr_ratio``."""
+    if sr_ratio not in REALLOCATION_BUCKETS:
+        raise ValueError(
+            f"no token reallocation is defined for sr_ratio={sr_ratio}; "
+            f"use one of {sorted(REALLOCATION_BUCKETS)} (or 1 for plain global attention)"
+        )
+    return REALLOCATION_BUCKETS[sr_ratio]
+
+
+def bucket_bounds(num_tokens: int, buckets: tuple[Bucket, ...]) -> list[tuple[int, int]]:
+    """Integer [start, end) of each bucket in a sorted order of ``num_tokens`` tokens."""
+    return [
+        (num_tokens * b.start[0] // b.start[1], num_tokens * b.end[0] // b.end[1]) for b in buckets
+    ]
+
+
+def merged_token_counts(num_tokens: int, buckets: tuple[Bucket, ...]) -> list[int]:
+    """How many merged tokens each bucket yields: ceil(bucket length / group size)."""
+    return [
+        -(-(end - start) // b.group_size)
+        for (start, end), b in zip(bucket_bounds(num_tokens, buckets), buckets, strict=True)
+    ]
+
+
+def key_importance(attn: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean attention each key receives, over heads and over (real) queries.
+
+    Args:
+        attn: (..., h, Nq, Nk) attention probabilities.
+        query_mask: optional bool (..., Nq) (broadcastable), True for real queries; padded
+            queries are left out of the mean.
+
+    Returns:
+        (..., Nk). For softmax rows, each output sums to 1 over its keys.
+    """
+    attn = attn.detach().mean(dim=-3)  # ..., Nq, Nk
+    if query_mask is None:
+        return attn.mean(dim=-2)
+    weights = query_mask.to(attn.dtype).unsqueeze(-1)  # ..., Nq, 1
+    return (attn * weights).sum(dim=-2) / weights.sum(dim=-2)
+
+
+def combine_significance(
+    global_part: torch.Tensor | None, local_part: torch.Tensor | None, source: str
+) -> torch.Tensor:
+    """The map that guides reallocation, from the parts (B, N) a hybrid block measured.
+
+    ``hybrid`` sums both scales (SPEC); ``local``/``global`` keep one (paper Table 6);
+    ``uniform`` ignores content: a fixed ramp over raster positions, so the sort keeps raster
+    order and every image is reallocated the same way.
+    """
+    if source == "hybrid":
+        return global_part + local_part
+    if source == "local":
+        return local_part
+    if source == "global":
+        return global_part
+    reference = global_part if global_part is not None else local_part
+    B, N = reference.shape
+    ramp = torch.arange(N, device=reference.device, dtype=reference.dtype)
+    return ramp.expand(B, N)
+
+
+def significance_order(significance: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, N) token indices by ascending significance.
+
+    torch's default (unstable) sort, as the published code uses: maps do contain exact ties,
+    and the published weights were trained with the order this sort gives them.
+    """
+    return torch.sort(significance, dim=-1).indices
+
+
+def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Merge consecutive runs of ``g`` tokens with a learned ``Linear(g, 1)``.
+
+    Args:
+        tokens: (B, L, C) one bucket in sorted order.
+        weight: (1, g) merge weights, shared over channels.
+        bias: (1,).
+
+    Returns:
+        (B, ceil(L / g), C). When g does not divide L, the last run holds r = L mod g
+        tokens; its g - r missing slots are filled with the mean of its r tokens, so every
+        token is merged exactly once and a run of equal tokens merges as a full one would.
+    """
+    B, L, C = tokens.shape
+    g = weight.shape[-1]
+    w = weight.reshape(g)
+    full = L // g
+    merged = []
+    if full:
+        runs = tokens[:, : full * g].reshape(B, full, g, C)  # B, L // g, g, C
+        merged.append(torch.einsum("bqgc,g->bqc", runs, w) + bias)  # B, L // g, C
+    rest = L - full * g
+    if rest:
+        tail = tokens[:, full * g :]  # B, r, C
+        tail_weight = w[:rest] + w[rest:].sum() / rest  # r
+        merged.append((torch.einsum("brc,r->bc", tail, tail_weight) + bias).unsqueeze(1))
+    return torch.cat(merged, dim=1) if len(merged) > 1 else merged[0]
+
+
+def reallocate_tokens(
+    tokens: torch.Tensor,
+    significance: torch.Tensor,
+    buckets: tuple[Bucket, ...],
+    merges: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Sort tokens by significance, bucket the order and merge each bucket's runs.
+
+    Args:
+        tokens: (B, N, C).
+        significance: (B, N); only its order is used (no gradient flows through it).
+        buckets: layout from :func:`buckets_for`.
+        merges: (weight (1, g), bias (1,)) per bucket.
+
+    Returns:
+        (B, M', C) merged tokens, least significant buckets first, with
+        M' = sum(merged_token_counts(N, buckets)).
+    """
+    B, N, C = tokens.shape
+    order = significance_order(significance)  # B, N
+    ordered = torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
+    merged = [
+        merge_runs(ordered[:, start:end], weight, bias)
+        for (start, end), (weight, bias) in zip(bucket_bounds(N, buckets), merges, strict=True)
+        if end > start
+    ]
+    return torch.cat(merged, dim=1)  # B, M', C
+
+
+def token_allocation(significance: torch.Tensor, buckets: tuple[Bucket, ...]) -> torch.Tensor:
+    """The merge group size each token fell into, in raster order.
+
+    Args:
+        significance: (B, N).
+
+    Returns:
+        (B, N) int64: the group size ``g`` of the token's bucket (large = merged coarsely).
+    """
+    B, N = significance.shape
+    sizes = torch.empty(N, dtype=torch.long, device=significance.device)
+    for (start, end), bucket in zip(bucket_bounds(N, buckets), buckets, strict=True):
+        sizes[start:end] = bucket.group_size
+    order = significance_order(significance)  # B, N
+    allocation = torch.empty_like(order)
+    allocation.scatter_(1, order, sizes.expand(B, N))  # B, N
+    return allocation
