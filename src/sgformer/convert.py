@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from .model import check_checkpoint_file, checkpoint_filter_fn
 
+METADATA_KEY = "sgformer"
+
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a ``.pth``/``.pt`` (torch.save) or ``.safetensors`` file onto the CPU.
@@ -39,7 +41,8 @@ def convert_checkpoint(
     """Convert a published (or our own) checkpoint into a verified ``.safetensors`` file.
 
     The weights are mapped by ``checkpoint_filter_fn`` and loaded strictly into
-    ``model_name`` built with ``model_kwargs``; the file's metadata records both.
+    ``model_name`` built with ``model_kwargs``; the file's metadata holds both as JSON under
+    ``METADATA_KEY``. Converting the same weights twice gives the same bytes.
 
     Returns:
         ``{"model", "num_params", "sha256", "path"}``.
@@ -48,7 +51,9 @@ def convert_checkpoint(
     state_dict = checkpoint_filter_fn(read_checkpoint(src), model)
     model.load_state_dict(state_dict, strict=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    metadata = {"model": model_name, "model_kwargs": json.dumps(model_kwargs), "format": "pt"}
+    # One metadata key: safetensors writes several in random order, which would make the file
+    # (and its sha256) differ between two conversions of the same weights.
+    metadata = {METADATA_KEY: json.dumps({"model": model_name, "model_kwargs": model_kwargs})}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
