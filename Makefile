@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# timm's own model tests, from the sdist of the installed timm release (tests/test_timm_suite.py)
+TIMM_TESTS := $(VENV)/timm-sdist
 
 .PHONY: demo test lint format clean
 
@@ -10,6 +12,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dense,viz,dev]"
+	rm -rf $(TIMM_TESTS) && mkdir -p $(TIMM_TESTS)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(TIMM_TESTS) \
+		"timm==$$($(BIN)/python -c 'import timm; print(timm.__version__)')"
+	tar -xzf $(TIMM_TESTS)/timm-*.tar.gz -C $(TIMM_TESTS) --strip-components=1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -568,6 +568,7 @@ class SGFormer(nn.Module):
             if num_classes
             else nn.Identity()
         )
+        self.head.train(self.training)
 
     # ----- forward -----
     def _check_input(self, x: torch.Tensor) -> None:
