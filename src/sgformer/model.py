@@ -30,6 +30,7 @@ from .layers import (
     Downsample,
     Stem,
     grid_padding,
+    locally_enhanced,
     pad_grid,
     padding_needed,
     sincos_2d_table,
@@ -168,8 +169,7 @@ class HybridScaleAttention(nn.Module):
         if self.local_heads:
             out, local_part = self._local(x, grid)
             outs.append(out)
-        lepe = self.lepe_linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
-        lepe = self.lepe_conv(lepe).flatten(2).transpose(1, 2)  # B, N, C
+        lepe = locally_enhanced(x, grid, self.lepe_linear, self.lepe_conv)  # B, N, C
         x = self.proj_drop(self.proj(torch.cat(outs, dim=-1) + lepe))
         return x, (global_part, local_part)
 
@@ -234,8 +234,7 @@ class SelfGuidedAttention(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
         out = out.transpose(1, 2).reshape(B, N, C)  # B, N, C
-        lepe = self.lepe_linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
-        lepe = self.lepe_conv(lepe).flatten(2).transpose(1, 2)  # B, N, C
+        lepe = locally_enhanced(x, grid, self.lepe_linear, self.lepe_conv)  # B, N, C
         return self.proj_drop(self.proj(out + lepe))
 
 
@@ -272,8 +271,7 @@ class GlobalAttention(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
         out = out.transpose(1, 2).reshape(B, N, C)  # B, N, C
-        lepe = self.lepe_linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
-        lepe = self.lepe_conv(lepe).flatten(2).transpose(1, 2)  # B, N, C
+        lepe = locally_enhanced(x, grid, self.lepe_linear, self.lepe_conv)  # B, N, C
         return self.proj_drop(self.proj(out + lepe))
 
 

@@ -1,6 +1,7 @@
 """Small layers and tensor helpers of SG-Former, one concept per file."""
 
 from .downsample import Downsample, Stem
+from .lepe import locally_enhanced
 from .mlp import DepthwiseConvMlp
 from .padding import PAD_FILL_VALUE, grid_padding, pad_grid, padding_needed, valid_mask
 from .pos_embed import sincos_2d_table
@@ -12,6 +13,7 @@ __all__ = [
     "Downsample",
     "Stem",
     "grid_padding",
+    "locally_enhanced",
     "pad_grid",
     "padding_needed",
     "sincos_2d_table",
