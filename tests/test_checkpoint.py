@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 import sgformer  # noqa: F401
+from conftest import assert_close_relative
 from sgformer.cli import main
 from sgformer.convert import METADATA_KEY, convert_checkpoint
 
@@ -24,10 +25,7 @@ def logits_of(model: torch.nn.Module, golden: dict) -> torch.Tensor:
 
 
 def assert_golden_logits(model: torch.nn.Module, golden: dict) -> None:
-    reference = golden["logits"]
-    torch.testing.assert_close(
-        logits_of(model, golden), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item()
-    )
+    assert_close_relative(logits_of(model, golden), golden["logits"])
 
 
 def published(golden: dict) -> dict:
