@@ -1,6 +1,8 @@
 """Command line: ``sgformer <command>``; each command is one library call."""
 
 import argparse
+import logging
+import os
 import sys
 
 import sgformer  # noqa: F401  (registers the models with timm)
@@ -22,6 +24,547 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_shapes(args: argparse.Namespace) -> int:
+    import time
+
+    from .data import write_shapes_dataset
+
+    start = time.perf_counter()
+    summary = write_shapes_dataset(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        img_size=args.img_size,
+        num_dense_train=args.num_dense_train,
+        num_dense_val=args.num_dense_val,
+        dense_img_size=args.dense_img_size,
+        seed=args.seed,
+        force=args.force,
+    )
+    counts, instances = summary["counts"], summary["num_instances"]
+    if summary["skipped"]:
+        print(f"{summary['root']}: complete shapes dataset with these arguments, nothing to do")
+        return 0
+    print(
+        f"wrote {summary['root']} in {time.perf_counter() - start:.1f}s: "
+        f"{counts['train']} train / {counts['val']} val images ({args.img_size} px, "
+        f"{len(summary['classes'])} classes), {counts['dense_training']} / "
+        f"{counts['dense_validation']} dense scenes ({args.dense_img_size} px, "
+        f"{instances['training']} / {instances['validation']} instances)"
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    result = train(given)
+    print(
+        f"finished {result['epoch']} epochs: top-1 {result['top1']:.2f} %, best "
+        f"{result['best_top1']:.2f} % (epoch {result['best_epoch']}); outputs in {result['output']}"
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .engine import validate_checkpoint
+
+    result = validate_checkpoint(
+        args.data_dir,
+        args.checkpoint,
+        model_name=args.model,
+        split=args.split,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        use_ema=args.use_ema,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        dataset=args.dataset,
+        device=args.device,
+        results_file=args.results_file,
+    )
+    print(
+        f"{result['model']} on {result['images']} images at {result['img_size']} px: "
+        f"top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  loss {result['loss']:.4f}  "
+        f"{result['images_per_s']:.1f} img/s"
+        + (f"  ({result['skipped']} unreadable images skipped)" if result["skipped"] else "")
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine import predict
+
+    predictions, skipped = predict(
+        args.inputs,
+        args.checkpoint,
+        model_name=args.model,
+        topk=args.topk,
+        img_size=args.img_size,
+        use_ema=args.use_ema,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps({"predictions": predictions, "skipped": skipped}, indent=2))
+    else:
+        for item in predictions:
+            top = ", ".join(f"{t['class']} {100 * t['prob']:.1f} %" for t in item["topk"])
+            print(f"{item['image']}: {top}")
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable images", file=sys.stderr)
+    return 0 if predictions else 2
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """Flags as timm's train.py; None means "not given": the recipe or default decides
+    (sgformer.engine.TRAIN_DEFAULTS and RECIPES)."""
+    train = commands.add_parser(
+        "train", help="train or fine-tune a classifier (timm train.py flags, paper recipes)"
+    )
+    add = train.add_argument
+    add("--data-dir", help="dataset root with train/ and val/ (or validation/) class folders")
+    add("--dataset", help="timm dataset specifier: folder (default), tar, hfds/NAME, wds/NAME")
+    add("--train-split", help="training split (default train)")
+    add("--val-split", help="validation split (default validation; val also accepted)")
+    add("--recipe", help="paper presets: sgformer_s, sgformer_m, sgformer_b, finetune_384")
+    add("--model", help="model name (default sgformer_s)")
+    add("--pretrained", action="store_true", default=None, help="start from pretrained weights")
+    add("--pretrained-path", help="file with the pretrained weights (nothing is downloaded)")
+    add("--initial-checkpoint", help="weights to start from (published, bare or ours)")
+    add("--resume", help="run folder or checkpoint to continue exactly")
+    add("--num-classes", type=int, help="classes (default: the number of class folders)")
+    add("--img-size", type=int, help="training and eval image size (default 224)")
+    add("-b", "--batch-size", type=int, help="batch size per process (default 128)")
+    add("--opt", help="optimizer (default adamw)")
+    add("--lr", type=float, help="learning rate (default 1e-3)")
+    add("--weight-decay", type=float, help="weight decay (default 0.05)")
+    add("--sched", help="lr schedule (default cosine, per iteration)")
+    add("--epochs", type=int, help="epochs (default 100)")
+    add("--warmup-epochs", type=int, help="linear warm-up epochs (default 5)")
+    add("--warmup-lr", type=float, help="lr at the start of warm-up (default 1e-6)")
+    add("--min-lr", type=float, help="lr at the end of the cosine (default 1e-5)")
+    add("--clip-grad", type=float, help="clip the gradient norm to this value (default off)")
+    add("--scale", type=float, nargs=2, help="random-resized-crop area range (default 0.08 1)")
+    add("--ratio", type=float, nargs=2, help="random-resized-crop aspect range (default 3/4 4/3)")
+    add("--hflip", type=float, help="horizontal flip probability (default 0.5)")
+    add("--color-jitter", type=float, help="colour jitter strength (default 0.4)")
+    add("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; none turns it off")
+    add("--reprob", type=float, help="random erasing probability (default 0)")
+    add("--mixup", type=float, help="mixup alpha (default 0: off)")
+    add("--cutmix", type=float, help="cutmix alpha (default 0: off)")
+    add("--smoothing", type=float, help="label smoothing (default 0.1)")
+    add("--drop-path", type=float, help="stochastic depth rate (default 0.1)")
+    add("--model-ema", action="store_true", default=None, help="keep an EMA of the weights")
+    add("--model-ema-decay", type=float, help="EMA decay (default 0.9998)")
+    add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
+    add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
+    add("--grad-checkpointing", action="store_true", default=None, help="save activation memory")
+    add("--workers", type=int, help="data loading processes per training process")
+    add("--seed", type=int, help="random seed (default 42)")
+    add("--output", help="run folder for checkpoints, summary.csv, args.yaml, curves.png")
+    add("--log-interval", type=int, help="steps between log lines without a terminal")
+    add("--device", help="cpu or cuda (default: cuda when available)")
+    train.set_defaults(run=_train)
+
+
+def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
+    validate = commands.add_parser("validate", help="top-1/top-5/loss of a checkpoint on a split")
+    validate.add_argument("--data-dir", required=True, help="dataset root")
+    validate.add_argument("--split", default="validation", help="split folder (val/validation)")
+    validate.add_argument("--dataset", default="", help="timm dataset specifier (default folder)")
+    validate.add_argument("--model", help="model name (read from our checkpoints)")
+    validate.add_argument("--checkpoint", required=True, help="training checkpoint or weights")
+    validate.add_argument("--img-size", type=int, help="eval image size (default: the model's)")
+    validate.add_argument("--crop-pct", type=float, help="centre crop fraction (default 0.9)")
+    validate.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
+    validate.add_argument("-b", "--batch-size", type=int, default=64)
+    validate.add_argument("--workers", type=int, default=2)
+    validate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    validate.add_argument("--results-file", help="write the metrics to this JSON file")
+    validate.set_defaults(run=_validate)
+
+    predict = commands.add_parser("predict", help="top-k classes of images")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--model", help="model name (read from our checkpoints)")
+    predict.add_argument("--checkpoint", required=True, help="training checkpoint or weights")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--img-size", type=int, help="eval image size (default: the model's)")
+    predict.add_argument("--use-ema", action="store_true", help="use the EMA weights")
+    predict.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    predict.set_defaults(run=_predict)
+
+
+def _significance(args: argparse.Namespace) -> int:
+    from .visualize import save_significance
+
+    result = save_significance(
+        args.images,
+        model_name=args.model,
+        checkpoint=args.checkpoint,
+        output=args.output,
+        img_size=args.img_size,
+        blocks=args.blocks,
+        parts=args.parts,
+        fmt=args.format,
+        use_ema=args.use_ema,
+        report=lambda line: print(line, file=sys.stderr),
+    )
+    skipped = len(result["skipped"])
+    print(
+        f"wrote {len(result['written'])} {args.format} file(s) to {args.output}"
+        + (f"; skipped {skipped} unreadable file(s)" if skipped else "")
+    )
+    return 0
+
+
+def _detect_train(args: argparse.Namespace) -> int:
+    from .detection import train_detector
+
+    skip = ("command", "run", "detect_command")
+    result = train_detector({k: v for k, v in vars(args).items() if k not in skip})
+    ap = result.get("bbox_AP50")
+    print(
+        f"finished {result['epoch']} epochs: bbox AP {result.get('bbox_AP', 0.0):.3f}, "
+        f"AP50 {ap if ap is None else f'{ap:.3f}'}, best AP {result['best_bbox_AP']:.3f} "
+        f"(epoch {result['best_epoch']}); outputs in {result['output']}"
+    )
+    return 0
+
+
+def _detect_val(args: argparse.Namespace) -> int:
+    from .detection import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.data_root,
+        args.ann_file,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        results_file=args.results_file,
+        predictions_file=args.predictions_file,
+    )
+    print(f"{metrics['images']} images ({metrics['val_skipped']} skipped) from {args.checkpoint}")
+    for iou_type in ("bbox", "segm"):
+        names = [k for k in metrics if k.startswith(f"{iou_type}_")]
+        if names:
+            print(
+                f"{iou_type}: "
+                + "  ".join(
+                    f"{k.split('_', 1)[1]} {'n/a' if metrics[k] is None else f'{metrics[k]:.3f}'}"
+                    for k in names
+                )
+            )
+    return 0
+
+
+def _detect_predict(args: argparse.Namespace) -> int:
+    from .detection import predict_images
+
+    result = predict_images(
+        args.inputs,
+        args.checkpoint,
+        args.output,
+        score_threshold=args.score_threshold,
+        device=args.device,
+    )
+    print(
+        f"{result['detections']} detections (score >= {args.score_threshold}) in "
+        f"{result['images']} images; wrote {result['output']}/predictions.json and drawings"
+        + (f"; skipped {len(result['skipped'])} unreadable files" if result["skipped"] else "")
+    )
+    return 0 if result["images"] else 2
+
+
+def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
+    """``sgformer detect train|val|predict``; None means "not given": the schedule preset or
+    the default decides (sgformer.detection.DETECT_DEFAULTS and SCHEDULES)."""
+    detect = commands.add_parser(
+        "detect", help="Mask R-CNN / Faster R-CNN on SG-Former + FPN (docs/detection.md)"
+    )
+    tasks = detect.add_subparsers(dest="detect_command", required=True)
+    train = tasks.add_parser("train", help="train or resume (no data flags: synthetic shapes)")
+    add = train.add_argument
+    add("--data-root", help="training image folder (e.g. coco/train2017)")
+    add("--ann-file", help="training COCO instances JSON")
+    add("--val-data-root", help="validation image folder (default: --data-root)")
+    add("--val-ann-file", help="validation COCO instances JSON")
+    add("--schedule", help="presets: 1x, 3x (paper COCO setups), shapes (CPU demo)")
+    add("--model", help="backbone (default sgformer_s; shapes: sgformer_nano)")
+    add("--backbone-checkpoint", help="ImageNet weights for the backbone (published or ours)")
+    add("--no-mask", dest="mask", action="store_false", default=None, help="Faster R-CNN")
+    add("--resume", help="run folder or checkpoint to continue exactly")
+    add("--epochs", type=int, help="epochs (1x: 12, 3x: 36)")
+    add("-b", "--batch-size", type=int, help="images per process (default 2)")
+    add("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    add("--weight-decay", type=float, help="weight decay (default 0.05)")
+    add("--backbone-lr-mult", type=float, help="backbone lr multiplier (default 1.0)")
+    add("--lr-steps", type=int, nargs="+", help="epochs after which lr x0.1 (1x: 8 11)")
+    add("--warmup-iters", type=int, help="linear warm-up iterations (default 500)")
+    add("--clip-grad", type=float, help="clip the gradient norm (default off)")
+    add("--frozen-stages", type=int, help="-1 none, 0 stem, n stem + first n stages")
+    add("--drop-path", type=float, help="backbone stochastic depth (default 0.2)")
+    add("--short-side", type=int, nargs="+", help="short side(s); several: random per image")
+    add("--max-size", type=int, help="longest side cap (default 1333)")
+    add("--out-channels", type=int, help="FPN channels (default 256)")
+    add("--anchor-sizes", type=int, nargs=5, help="anchor size per FPN level (32 ... 512)")
+    add("--hflip", type=float, help="horizontal flip probability (default 0.5)")
+    add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
+    add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
+    add("--workers", type=int, help="data loading processes per training process")
+    add("--seed", type=int, help="random seed (default 42)")
+    add("--output", help="run folder (last.pth, best.pth, summary.csv, args.yaml)")
+    add("--log-interval", type=int, help="steps between log lines without a terminal")
+    add("--eval-interval", type=int, help="epochs between COCO evaluations (default 1)")
+    add("--time-limit", type=float, help="stop training after this many minutes, then evaluate")
+    add("--device", help="cpu or cuda (default: cuda when available)")
+    train.set_defaults(run=_detect_train)
+
+    val = tasks.add_parser("val", help="COCO box and mask AP of a checkpoint")
+    val.add_argument("--checkpoint", required=True, help="detect train checkpoint or run folder")
+    val.add_argument("--data-root", help="image folder (default: shapes validation scenes)")
+    val.add_argument("--ann-file", help="COCO instances JSON of those images")
+    val.add_argument("-b", "--batch-size", type=int, default=2)
+    val.add_argument("--workers", type=int, default=2)
+    val.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    val.add_argument("--results-file", help="write bbox_AP, bbox_AP50, ..., segm_* as JSON")
+    val.add_argument("--predictions-file", help="write the detections as COCO results JSON")
+    val.set_defaults(run=_detect_val)
+
+    predict = tasks.add_parser("predict", help="detect objects; COCO results JSON and drawings")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--checkpoint", required=True, help="detect train checkpoint or folder")
+    predict.add_argument("--output", default="detections", help="output folder")
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="drawn if above")
+    predict.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    predict.set_defaults(run=_detect_predict)
+
+
+def _segment_train(args: argparse.Namespace) -> int:
+    from .segmentation import train_segmentation
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "segment_command", "run")}
+    result = train_segmentation(given)
+    print(
+        f"finished {result['iteration']} iterations: mIoU {100 * result['mIoU']:.2f} %, aAcc "
+        f"{100 * result['aAcc']:.2f} %, best mIoU {100 * result['best_mIoU']:.2f} % (iteration "
+        f"{result['best_iteration']}); outputs in {result['output']}"
+    )
+    return 0
+
+
+def _segment_val(args: argparse.Namespace) -> int:
+    from .segmentation import format_iou_table, validate_segmentation
+
+    result = validate_segmentation(
+        args.checkpoint,
+        data_root=args.data_root,
+        split=args.split,
+        mode=args.mode,
+        crop_size=args.crop_size,
+        stride=args.stride,
+        ms=args.ms,
+        flip=args.flip,
+        workers=args.workers,
+        device=args.device,
+        results_file=args.results_file,
+    )
+    print(format_iou_table(result))
+    print(
+        f"{result['model']} + {result['decoder']} on {result['images']} images ({result['mode']}"
+        f"{', multi-scale' if args.ms else ''}{', flip' if result['flip'] else ''}): mIoU "
+        f"{100 * result['mIoU']:.2f} %  aAcc {100 * result['aAcc']:.2f} %"
+        + (f"  ({result['skipped']} unreadable images skipped)" if result["skipped"] else "")
+    )
+    return 0
+
+
+def _segment_predict(args: argparse.Namespace) -> int:
+    from .segmentation import predict_segmentation
+
+    result = predict_segmentation(
+        args.inputs,
+        args.checkpoint,
+        output=args.output,
+        mode=args.mode,
+        crop_size=args.crop_size,
+        stride=args.stride,
+        ms=args.ms,
+        flip=args.flip,
+        opacity=args.opacity,
+        device=args.device,
+    )
+    skipped = len(result["skipped"])
+    print(
+        f"wrote {len(result['written'])} masks and overlays to {args.output}"
+        + (f"; skipped {skipped} unreadable file(s)" if skipped else "")
+    )
+    return 0 if result["written"] else 2
+
+
+def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
+    """``segment train|val|predict``; None means "not given": the --schedule preset or
+    sgformer.segmentation.SEG_DEFAULTS decides."""
+    segment = commands.add_parser(
+        "segment", help="semantic segmentation: UperNet / Semantic FPN on SG-Former (ADE20K)"
+    )
+    actions = segment.add_subparsers(dest="segment_command", required=True)
+    train = actions.add_parser(
+        "train", help="train (no --data-root: sgformer_nano on the built-in shapes scenes)"
+    )
+    add = train.add_argument
+    add("--data-root", help="ADE20K layout: images/{training,validation}, annotations/...")
+    add("--schedule", help="presets: upernet_160k, fpn_80k, shapes (default by data/decoder)")
+    add("--model", help="backbone (default sgformer_s; shapes: sgformer_nano)")
+    add("--decoder", choices=("upernet", "fpn"), help="decoder head (default upernet)")
+    add("--num-classes", type=int, help="classes (ADE20K 150; shapes 9 with background)")
+    add("--ignore-index", type=int, help="label value ignored in loss and metrics (default 255)")
+    add(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        help="label 0 -> ignore, others -1 (on for ADE20K; --no-reduce-zero-label if 0 is a class)",
+    )
+    add("--train-split", help="training split folder (default training)")
+    add("--val-split", help="validation split folder (default validation)")
+    add("--backbone-checkpoint", help="classification weights for the SG-Former encoder")
+    add("--resume", help="run folder or checkpoint to continue exactly")
+    add("--iters", type=int, help="training iterations (upernet_160k: 160000)")
+    add("-b", "--batch-size", type=int, help="batch size per process (paper: 16 in total)")
+    add("--lr", type=float, help="AdamW learning rate (upernet 6e-5, fpn 1e-4)")
+    add("--weight-decay", type=float, help="AdamW weight decay (upernet 0.01, fpn 1e-4)")
+    add("--warmup-iters", type=int, help="linear warm-up iterations (upernet 1500)")
+    add("--power", type=float, help="poly decay power (1: linear decay)")
+    add("--min-lr", type=float, help="lr at the end of the decay (default 0)")
+    add("--crop-size", type=int, help="square training crop (default 512)")
+    add("--base-size", type=int, help="short side before random rescale, as (4x, 1x) (512)")
+    add("--scale-range", type=float, nargs=2, help="random rescale range (default 0.5 2.0)")
+    add("--decoder-channels", type=int, help="decoder width (upernet 512, fpn 256)")
+    add("--aux-head", action=argparse.BooleanOptionalAction, help="auxiliary FCN head (0.4)")
+    add("--drop-path", type=float, help="backbone stochastic depth rate (default 0.1)")
+    add("--clip-grad", type=float, help="clip the gradient norm to this value (default off)")
+    add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
+    add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
+    add("--mode", choices=("whole", "slide"), help="inference during validation (whole)")
+    add("--val-interval", type=int, help="iterations between evaluations and checkpoints")
+    add("--time-limit", type=float, help="minutes; then evaluate, checkpoint and stop")
+    add("--workers", type=int, help="data loading processes per training process")
+    add("--seed", type=int, help="random seed (default 0)")
+    add("--output", help="run folder for checkpoints, summary.csv, args.yaml")
+    add("--log-interval", type=int, help="iterations between log lines without a terminal")
+    add("--device", help="cpu or cuda (default: cuda when available)")
+    train.set_defaults(run=_segment_train)
+
+    def add_test_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="a segment train checkpoint")
+        parser.add_argument("--mode", choices=("whole", "slide"), help="default: training's")
+        parser.add_argument("--crop-size", type=int, help="sliding window (default: training's)")
+        parser.add_argument("--stride", type=int, help="sliding stride (default 2/3 crop)")
+        parser.add_argument(
+            "--ms", action="store_true", help="multi-scale 0.5-1.75 + flip test (mmseg aug_test)"
+        )
+        parser.add_argument(
+            "--flip", action=argparse.BooleanOptionalAction, help="flip test (default: with --ms)"
+        )
+        parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    val = actions.add_parser("val", help="mIoU, aAcc and per-class IoU of a checkpoint")
+    add_test_flags(val)
+    val.add_argument("--data-root", help="default: the training run's")
+    val.add_argument("--split", help="split folder (default: the training run's validation)")
+    val.add_argument("--workers", type=int, default=2)
+    val.add_argument("--results-file", help="write mIoU, aAcc, per-class IoU to this JSON")
+    val.set_defaults(run=_segment_val)
+
+    predict = actions.add_parser("predict", help="colour-coded masks and overlays of images")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    add_test_flags(predict)
+    predict.add_argument("--output", default="segment_predictions", help="output folder")
+    predict.add_argument("--opacity", type=float, default=0.5, help="overlay opacity (0-1)")
+    predict.set_defaults(run=_segment_predict)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import benchmark_report
+
+    report = benchmark_report(
+        args.models,
+        output=args.output,
+        img_sizes=args.img_size,
+        batch_size=args.batch_size,
+        train_batch_size=args.train_batch_size,
+        modes=args.mode,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    print(report["table"])
+    for path in report["files"]:
+        print(f"wrote {path}")
+    return 0 if any(row["img_per_s"] for row in report["rows"]) else 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    result = export_model(
+        args.model,
+        args.out,
+        fmt=args.format,
+        checkpoint=args.checkpoint,
+        img_size=args.img_size,
+        dynamic=args.dynamic,
+    )
+    for check in result["checks"]:
+        print(
+            f"checked {check['runtime']} at {check['shape']}: max rel. error {check['error']:.1e}"
+        )
+    print(f"wrote {result['path']} ({result['format']})")
+    return 0
+
+
+def _add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser(
+        "benchmark", help="images/s, latency, GMACs and peak memory, models side by side"
+    )
+    bench.add_argument("--models", nargs="+", default=["sgformer_s"], help="timm model names")
+    bench.add_argument("--img-size", nargs="+", type=int, default=[224], help="square sides")
+    bench.add_argument("-b", "--batch-size", type=int, default=16, help="inference batch")
+    bench.add_argument("--train-batch-size", type=int, help="training batch (default -b)")
+    bench.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"])
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    bench.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (default fp32)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile each model")
+    bench.add_argument("--channels-last", action="store_true", help="channels-last memory")
+    bench.add_argument("--threads", type=int, help="torch.set_num_threads")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    bench.add_argument("--repeats", type=int, default=5, help="timed steps per model")
+    bench.add_argument("--output", help="folder for benchmark.csv and the PNG plots")
+    bench.set_defaults(run=_benchmark)
+
+    export = commands.add_parser(
+        "export", help="ONNX / TorchScript / ExportedProgram file, checked against PyTorch"
+    )
+    export.add_argument("out", help="output file")
+    export.add_argument("--model", required=True, help="sgformer_s, sgformer_m, sgformer_b, ...")
+    export.add_argument("--checkpoint", help="weights (.pth/.pt/.safetensors); default random")
+    export.add_argument(
+        "--format", choices=("onnx", "torchscript", "exported-program"), default="onnx"
+    )
+    export.add_argument("--img-size", type=int, default=224, help="example input side")
+    export.add_argument(
+        "--dynamic", action="store_true", help="dynamic height and width (batch always is)"
+    )
+    export.set_defaults(run=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgformer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,12 +580,69 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="output .safetensors file")
     convert.add_argument("--model", required=True, help="sgformer_s, sgformer_m, sgformer_b, ...")
     convert.set_defaults(run=_convert)
+
+    data = commands.add_parser("data", help="write synthetic datasets")
+    datasets = data.add_subparsers(dest="dataset", required=True)
+    shapes = datasets.add_parser(
+        "shapes",
+        help="deterministic salient-shapes dataset: ImageFolder, COCO instances, label PNGs",
+    )
+    shapes.add_argument("out", help="output directory (missing, empty, or a previous run)")
+    shapes.add_argument("--num-train", type=int, default=2000, help="classification train images")
+    shapes.add_argument("--num-val", type=int, default=500, help="classification val images")
+    shapes.add_argument("--img-size", type=int, default=64, help="classification image side")
+    shapes.add_argument("--num-dense-train", type=int, default=400, help="dense training scenes")
+    shapes.add_argument("--num-dense-val", type=int, default=100, help="dense validation scenes")
+    shapes.add_argument("--dense-img-size", type=int, default=128, help="dense scene side")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--force", action="store_true", help="overwrite OUT even if it holds other data"
+    )
+    shapes.set_defaults(run=_data_shapes)
+
+    _add_train_parser(commands)
+    _add_eval_parsers(commands)
+    _add_detect_parsers(commands)
+    _add_segment_parsers(commands)
+    _add_deploy_parsers(commands)
+
+    significance = commands.add_parser(
+        "significance",
+        help="draw significance maps and token allocation over images (docs/significance.md)",
+    )
+    significance.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="image files (default: scikit-image photos)"
+    )
+    significance.add_argument(
+        "--model", help="model name; optional if the checkpoint names its model"
+    )
+    significance.add_argument("--checkpoint", help="weights (.pth/.pt/.safetensors)")
+    significance.add_argument(
+        "--use-ema", action="store_true", help="load the checkpoint's EMA weights"
+    )
+    significance.add_argument(
+        "--img-size", type=int, help="short side in px, aspect kept (default: the model's)"
+    )
+    significance.add_argument("--output", default="significance", help="output directory")
+    significance.add_argument(
+        "--blocks", default="all", help="hybrid blocks to draw: all, or indices such as 0,2"
+    )
+    significance.add_argument(
+        "--parts", action="store_true", help="also draw the global and local parts"
+    )
+    significance.add_argument(
+        "--format", choices=("png", "npy"), default="png", help="figures, or .npz arrays"
+    )
+    significance.set_defaults(run=_significance)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status. Bad input prints one line, exit status 2."""
     args = build_parser().parse_args(argv)
+    # Library code logs; the command line shows INFO on stderr (rank 0 only under torchrun).
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
