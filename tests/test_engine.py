@@ -77,6 +77,10 @@ def test_recipe_values_and_explicit_flags_win():
     assert args.epochs == 5 and args.lr == 1e-3 and not args.lr_explicit
     fine = engine.resolve_train_args({"recipe": "finetune_384", "drop_path": 0.3})
     assert (fine.img_size, fine.lr, fine.weight_decay, fine.drop_path) == (384, 5e-6, 1e-8, 0.3)
+    demo = engine.resolve_train_args({"recipe": "shapes_demo", "epochs": 2})
+    assert demo.model == "sgformer_nano" and demo.img_size == 64 and demo.epochs == 2
+    assert not demo.recipe_lr_scaling  # the demo's lr is absolute, the paper's scale with batch
+    assert engine.resolve_train_args({"recipe": "sgformer_s"}).recipe_lr_scaling
     plain = engine.resolve_train_args({})
     assert plain.model == "sgformer_s" and plain.mixup == 0.0 and not plain.recipe_lr_scaling
     with pytest.raises(ValueError, match="unknown recipe 'sgformer_xl'"):
