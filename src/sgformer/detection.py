@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -56,10 +55,13 @@ from .engine import (
     optimizer_step,
     progress_bar,
     reduce_sum,
+    resume_args,
     save_checkpoint,
     seed_everything,
     setup_distributed,
     unwrap_model,
+    wrap_distributed,
+    write_args,
 )
 from .model import checkpoint_filter_fn, create_model
 
@@ -649,20 +651,12 @@ def evaluate(
 
 def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Arguments of a resumed run: the checkpoint's, with the few a restart may change."""
-    checkpoint = load_checkpoint(given["resume"])
+    args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "schedule")
     if checkpoint.get("task") != TASK:
         raise ValueError(f"{given['resume']} is not a detection checkpoint (sgformer detect train)")
-    args = argparse.Namespace(**checkpoint["args"])
-    for key, value in given.items():
-        if value is not None and key in RESUME_OVERRIDABLE:
-            setattr(args, key, value)
-    if given.get("output") is None:
-        resume = Path(given["resume"])
-        args.output = str(resume if resume.is_dir() else resume.parent)
     for key in ("short_side", "anchor_sizes", "lr_steps"):
         setattr(args, key, tuple(getattr(args, key)))
     args.time_limit = given.get("time_limit")  # a limit is for one session, not the run
-    args.resume = given["resume"]
     return args, checkpoint
 
 
@@ -758,14 +752,9 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
             f"the checkpoint already finished {start_epoch} epochs; pass --epochs above that"
         )
 
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = wrap_distributed(model, dist_info)
     if dist_info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        with (output / "args.yaml").open("w") as f:
-            yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}, f, sort_keys=True)
+        write_args(output, args)
         _logger.info(
             "training %s %s on %s (%d classes, %d images; %s), %d processes x batch %d, "
             "%d epochs of %d iterations",

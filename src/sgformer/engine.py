@@ -720,7 +720,7 @@ def train_one_epoch(
         if bar.disable and log_interval and (step + 1) % log_interval == 0:
             _logger.info(
                 "epoch %d step %d/%d  loss %.4f  lr %.3g  %.1f img/s",
-                epoch,
+                epoch + 1,
                 step + 1,
                 updates_per_epoch,
                 loss.item(),
@@ -859,17 +859,21 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """Arguments of a resumed run: the checkpoint's, with the few a restart may change."""
+def resume_args(
+    given: dict[str, Any], overridable: set[str], preset_key: str
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Arguments of a resumed run: the checkpoint's, except the ``overridable`` flags given
+    again; other given flags that differ are reported as ignored. Also for detection and
+    segmentation (their preset flag is ``preset_key``, never re-applied)."""
     checkpoint = load_checkpoint(given["resume"])
     args = argparse.Namespace(**checkpoint["args"])
     ignored = []
     for key, value in given.items():
-        if value is None or key in ("resume", "recipe"):
+        if value is None or key in ("resume", preset_key):
             continue
-        if key in RESUME_OVERRIDABLE:
+        if key in overridable:
             setattr(args, key, value)
-        elif _plain(value) != getattr(args, key, None):
+        elif _plain(value) != _plain(getattr(args, key, None)):
             ignored.append(key)
     if ignored:
         _logger.warning("resuming: the checkpoint's values are used for %s", ", ".join(ignored))
@@ -880,6 +884,21 @@ def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, A
     return args, checkpoint
 
 
+def wrap_distributed(model: nn.Module, dist_info: Distributed) -> nn.Module:
+    """``model`` in DistributedDataParallel when several processes train, else itself."""
+    if not dist_info.enabled:
+        return model
+    device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def write_args(output: Path, args: argparse.Namespace) -> None:
+    """``args.yaml``: the run's resolved arguments."""
+    output.mkdir(parents=True, exist_ok=True)
+    with (output / "args.yaml").open("w") as f:
+        yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}, f, sort_keys=True)
+
+
 def train(given: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) a classifier as ``sgformer train`` describes; returns the final row.
 
@@ -887,7 +906,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
     """
     checkpoint = None
     if given.get("resume"):
-        args, checkpoint = _resume_args(given)
+        args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "recipe")
     else:
         args = resolve_train_args(given)
     if args.data_dir is None:
@@ -1008,14 +1027,9 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
             f"the checkpoint already finished {start_epoch} epochs; pass --epochs above that"
         )
 
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = wrap_distributed(model, dist_info)
     if dist_info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        with (output / "args.yaml").open("w") as f:
-            yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}, f, sort_keys=True)
+        write_args(output, args)
         _logger.info(
             "training %s (%d classes) on %d images, %d processes, global batch %d, %d epochs",
             args.model,

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from timm.optim import create_optimizer_v2
 from torch import nn
@@ -57,9 +56,12 @@ from .engine import (
     optimizer_step,
     progress_bar,
     reduce_sum,
+    resume_args,
     save_checkpoint,
     seed_everything,
     setup_distributed,
+    wrap_distributed,
+    write_args,
 )
 from .model import checkpoint_filter_fn
 
@@ -821,22 +823,7 @@ def _endless(loader: DataLoader, first_pass: int) -> Iterator[Batch]:
 
 
 def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    checkpoint = load_checkpoint(given["resume"])
-    args = argparse.Namespace(**checkpoint["args"])
-    ignored = []
-    for key, value in given.items():
-        if value is None or key in ("resume", "schedule"):
-            continue
-        if key in RESUME_OVERRIDABLE:
-            setattr(args, key, value)
-        elif _plain(value) != _plain(getattr(args, key, None)):
-            ignored.append(key)
-    if ignored:
-        _logger.warning("resuming: the checkpoint's values are used for %s", ", ".join(ignored))
-    if given.get("output") is None:
-        resume = Path(given["resume"])
-        args.output = str(resume if resume.is_dir() else resume.parent)
-    args.resume = given["resume"]
+    args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "schedule")
     args.scale_range = tuple(args.scale_range)
     return args, checkpoint
 
@@ -938,14 +925,9 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
     val_loader = _loader(
         val_set, batch_size=1, workers=args.workers, dist_info=dist_info, training=False, seed=0
     )
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = wrap_distributed(model, dist_info)
     if dist_info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        with (output / "args.yaml").open("w") as f:
-            yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}, f, sort_keys=True)
+        write_args(output, args)
         _logger.info(
             "training %s + %s (%d classes, schedule %s) on %d images (%d unpaired files "
             "skipped), %d processes, global batch %d, %d iterations",
