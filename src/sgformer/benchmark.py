@@ -1,11 +1,28 @@
-"""Cost of a model: multiply-accumulates, counted as fvcore counts them for the paper tables."""
+"""Cost and speed of models: multiply-accumulates (as fvcore counts them for the paper tables),
+images/s, latency and peak memory measured side by side (docs/BENCHMARKS.md)."""
 
+import contextlib
+import csv
+import ctypes
+import gc
+import logging
+import os
+import statistics
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+_logger = logging.getLogger(__name__)
 
 # fvcore charges an affine LayerNorm/GroupNorm 5 operations per input element; the published
 # GMACs (SPEC "Variants") include them, so we do too.
@@ -64,3 +81,448 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         by_module[key] += macs
     total = counter.get_total_flops() // 2 + sum(norm_macs.values())
     return {"total": total, "by_module": dict(by_module)}
+
+
+MODES = ("infer", "train")
+MIN_IMAGE_SIDE = 32  # model.MIN_INPUT_SIZE: one token at stride 32
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+RSS_SAMPLE_SECONDS = 0.002  # how often the memory probe reads the resident set size
+CSV_COLUMNS = (
+    "model",
+    "mode",
+    "img_size",
+    "batch_size",
+    "device",
+    "precision",
+    "compiled",
+    "channels_last",
+    "threads",
+    "params_m",
+    "gmacs",
+    "img_per_s",
+    "ms_per_img",
+    "vs_baseline",
+    "peak_mem_mb",
+    "error",
+)
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap back to the OS so an RSS delta measures the next step, not old garbage."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _PeakRss:
+    """Samples the resident set size on a thread; ``peak`` is the largest rise seen (bytes)."""
+
+    def __enter__(self) -> "_PeakRss":
+        _release_free_memory()
+        self.base = self.peak_rss = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_SECONDS):
+            self.peak_rss = max(self.peak_rss, _rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, _rss_bytes())
+
+    @property
+    def peak(self) -> int:
+        return self.peak_rss - self.base
+
+
+def _one_line(err: BaseException) -> str:
+    """A single line that says what went wrong, out-of-memory spelled out."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lowered = str(err).lower()
+    if isinstance(err, torch.OutOfMemoryError) or any(
+        s in lowered for s in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    ):
+        return f"out of memory ({text[:120]})"
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(
+    model: nn.Module,
+    mode: str,
+    x: torch.Tensor,
+    amp: str | None,
+) -> Callable[[], None]:
+    """One timed unit: an inference forward, or a training step (forward, loss, backward,
+    AdamW update)."""
+    device = x.device
+    autocast = partial(
+        torch.autocast, device_type=device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None
+    )
+    if mode == "infer":
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+            _synchronize(device)
+
+        return infer
+
+    num_classes = getattr(model, "num_classes", 1000) or 1000
+    target = torch.randint(0, num_classes, (x.shape[0],), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def train() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+
+    return train
+
+
+def _peak_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Bytes a step needs beyond what is held before it (CUDA: max allocated)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
+    with _PeakRss() as probe:
+        step()
+    return probe.peak
+
+
+def _row(name: str, mode: str, size: int, batch: int, settings: dict, **values: Any) -> dict:
+    row = dict.fromkeys(CSV_COLUMNS)
+    row.update(model=name, mode=mode, img_size=size, batch_size=batch, error="", **settings)
+    row.update(values)
+    return row
+
+
+def run_benchmark(
+    models: Sequence[str],
+    img_sizes: Sequence[int] = (224,),
+    batch_size: int = 16,
+    train_batch_size: int | None = None,
+    modes: Sequence[str] = ("infer",),
+    device: str = "cpu",
+    amp: str | None = None,
+    compile: bool = False,
+    channels_last: bool = False,
+    threads: int | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    factories: Mapping[str, Callable[[], nn.Module]] | None = None,
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    """Throughput, latency, cost and peak memory of models measured side by side.
+
+    For each (image size, mode) every model is warmed up, then the repeats go round the models
+    in turn, so load from other processes hits all of them alike; images/s is the batch over the
+    median step time. A model or setting that fails gives a row whose ``error`` says why in one
+    line; the other rows are still measured.
+
+    Args:
+        models: timm model names (``sgformer_*`` included) or keys of ``factories``.
+        img_sizes: square input sides.
+        batch_size: inference batch; ``train_batch_size`` (default the same) for training.
+        modes: ``infer`` (forward under inference mode) and/or ``train`` (forward, cross
+            entropy, backward, AdamW step).
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        amp: None (float32), ``bf16`` or ``fp16`` autocast.
+        compile: wrap each model in ``torch.compile``.
+        channels_last: models and inputs in channels-last memory format.
+        threads: ``torch.set_num_threads`` for the run.
+        factories: extra models built by callables (e.g. the published implementation).
+        memory: also measure peak memory (one more step per model).
+
+    Returns:
+        One dict per (model, mode, size) with the keys of ``CSV_COLUMNS``; ``vs_baseline`` is
+        images/s relative to the first model measured in the same (mode, size).
+    """
+    factories = dict(factories or {})
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes:
+        raise ValueError(f"modes must be among {MODES}, got {bad_modes}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    settings = {
+        "device": device,
+        "precision": amp or "fp32",
+        "compiled": compile,
+        "channels_last": channels_last,
+        "threads": torch.get_num_threads(),
+    }
+    device_error = _device_problem(device)
+    built: dict[str, nn.Module | str] = {}
+    rows = []
+    for mode in modes:
+        batch = (train_batch_size or batch_size) if mode == "train" else batch_size
+        for size in img_sizes:
+            config_rows = []
+            runners: dict[str, Callable[[], None]] = {}
+            for name in models:
+                problem = device_error or _size_problem(size)
+                if not problem and name not in built:
+                    built[name] = _build(name, factories, device, channels_last)
+                model = built.get(name)
+                if not problem and isinstance(model, str):
+                    problem = model
+                row = _row(name, mode, size, batch, settings, error=problem or "")
+                config_rows.append(row)
+                if problem:
+                    continue
+                row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+                row["gmacs"] = _gmacs(model, size, device)
+                try:
+                    runners[name] = _prepare(
+                        model, mode, size, batch, device, amp, compile, channels_last, warmup
+                    )
+                except Exception as err:  # any failure becomes a row, not a crash
+                    row["error"] = _one_line(err)
+            times = _interleaved_times(runners, repeats, config_rows)
+            for row in config_rows:
+                name = row["model"]
+                if name in times:
+                    seconds = statistics.median(times[name])
+                    row["img_per_s"] = round(batch / seconds, 2)
+                    row["ms_per_img"] = round(1000 * seconds / batch, 2)
+                    if memory:
+                        row["peak_mem_mb"] = round(
+                            _peak_memory(runners[name], torch.device(device)) / 2**20, 1
+                        )
+            measured = [r for r in config_rows if r["img_per_s"]]
+            for row in measured:
+                row["vs_baseline"] = round(row["img_per_s"] / measured[0]["img_per_s"], 3)
+            rows += config_rows
+            runners.clear()
+            _release_free_memory()
+    return rows
+
+
+def _device_problem(device: str) -> str | None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        return _one_line(err)
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"device {device!r} requested but no CUDA GPU is available (torch.cuda)"
+    return None
+
+
+def _size_problem(size: int) -> str | None:
+    if size < MIN_IMAGE_SIDE:
+        return f"image size {size} is below the smallest side {MIN_IMAGE_SIDE}"
+    return None
+
+
+def _build(
+    name: str, factories: Mapping[str, Callable[[], nn.Module]], device: str, channels_last: bool
+) -> nn.Module | str:
+    """The model on ``device``, or a one-line reason it could not be built."""
+    if name not in factories and name.split(".")[0] not in timm.list_models():
+        return f"unknown model {name!r} (not a timm model name)"
+    try:
+        model = factories[name]() if name in factories else timm.create_model(name)
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    except Exception as err:  # reported in the row
+        return _one_line(err)
+    return model
+
+
+def _gmacs(model: nn.Module, size: int, device: str) -> float | None:
+    """Multiply-accumulates of one image (count_macs), None where the counter fails."""
+    try:
+        x = torch.randn(1, 3, size, size, device=device)
+        return round(count_macs(model.eval(), x)["total"] / 1e9, 2)
+    except Exception as err:  # reported in the row
+        _logger.info("no GMACs for %s at %d: %s", type(model).__name__, size, _one_line(err))
+        return None
+
+
+def _prepare(
+    model: nn.Module,
+    mode: str,
+    size: int,
+    batch: int,
+    device: str,
+    amp: str | None,
+    compile: bool,
+    channels_last: bool,
+    warmup: int,
+) -> Callable[[], None]:
+    """The step function of one model, warmed up (compiled, caches filled)."""
+    model.train(mode == "train")
+    runnable = torch.compile(model) if compile else model
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = _make_step(runnable, mode, x, amp)
+    for _ in range(max(1, warmup)):
+        step()
+    return step
+
+
+def _interleaved_times(
+    runners: dict[str, Callable[[], None]], repeats: int, rows: list[dict]
+) -> dict[str, list[float]]:
+    """Seconds per step of each model, the models taking turns within every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    failed: set[str] = set()
+    for _ in range(repeats):
+        for name, step in runners.items():
+            if name in failed:
+                continue
+            start = time.perf_counter()
+            try:
+                step()
+            except Exception as err:  # reported in the row
+                failed.add(name)
+                next(r for r in rows if r["model"] == name)["error"] = _one_line(err)
+                continue
+            times[name].append(time.perf_counter() - start)
+    return {name: t for name, t in times.items() if name not in failed and t}
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Fixed-width text table of benchmark rows (errors in the last column)."""
+    columns = (
+        ("model", "model"),
+        ("mode", "mode"),
+        ("img_size", "size"),
+        ("batch_size", "batch"),
+        ("params_m", "params M"),
+        ("gmacs", "GMACs"),
+        ("img_per_s", "img/s"),
+        ("ms_per_img", "ms/img"),
+        ("vs_baseline", "x first"),
+        ("peak_mem_mb", "peak MB"),
+    )
+    cells = [[h for _, h in columns]]
+    for row in rows:
+        cells.append(["" if row.get(k) is None else str(row[k]) for k, _ in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = []
+    for row, line in zip([None, *rows], cells, strict=True):
+        text = "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        if row is not None and row.get("error"):
+            text = "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line[:4], widths[:4], strict=True))
+            )
+            text += f"  error: {row['error']}"
+        lines.append(text.rstrip())
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot(rows: Sequence[dict[str, Any]], output_dir: str | Path) -> list[Path]:
+    """Images/s against image size per model and mode, and images/s against GMACs (the paper's
+    throughput-versus-cost chart) at the first size; PNG files in ``output_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    measured = [r for r in rows if r.get("img_per_s")]
+    files = []
+    modes = sorted({r["mode"] for r in measured})
+    if not modes:
+        return files
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for name in dict.fromkeys(r["model"] for r in measured):
+            points = sorted(
+                (r["img_size"], r["img_per_s"])
+                for r in measured
+                if r["model"] == name and r["mode"] == mode
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set(xlabel="image side (px)", ylabel="images / s", title=f"{mode}", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(output_dir / "throughput_vs_size.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    first = measured[0]
+    chart = [
+        r for r in measured if r["img_size"] == first["img_size"] and r["mode"] == first["mode"]
+    ]
+    chart = [r for r in chart if r.get("gmacs")]
+    if chart:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r in chart:
+            ax.scatter(r["gmacs"], r["img_per_s"], s=40)
+            ax.annotate(
+                r["model"],
+                (r["gmacs"], r["img_per_s"]),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        ax.set(
+            xlabel="GMACs per image",
+            ylabel="images / s",
+            title=f"{first['mode']} at {first['img_size']} px, batch {first['batch_size']}",
+        )
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(output_dir / "throughput_vs_gmacs.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def benchmark_report(
+    models: Sequence[str], output: str | Path | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`run_benchmark`, its text table, and (with ``output``) ``benchmark.csv`` and the
+    plots written into that folder. Returns ``{"rows", "table", "files"}``."""
+    rows = run_benchmark(models, **kwargs)
+    files = []
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        files.append(write_csv(rows, output / "benchmark.csv"))
+        files += plot(rows, output)
+    return {"rows": rows, "table": format_table(rows), "files": files}

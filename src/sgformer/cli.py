@@ -560,7 +560,9 @@ def _add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--img-size", type=int, default=224, help="example input side")
     export.add_argument(
-        "--dynamic", action="store_true", help="dynamic height and width (batch always is)"
+        "--dynamic",
+        action="store_true",
+        help="dynamic height and width: not supported yet, refused with the reason",
     )
     export.set_defaults(run=_export)
 

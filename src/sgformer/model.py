@@ -29,11 +29,13 @@ from .layers import (
     DepthwiseConvMlp,
     Downsample,
     Stem,
+    add_into,
+    conv_on_grid,
     grid_padding,
-    locally_enhanced,
     pad_grid,
     padding_needed,
     sincos_2d_table,
+    stacked_linear,
     valid_mask,
     window_partition,
     window_reverse,
@@ -41,10 +43,12 @@ from .layers import (
 from .reallocation import (
     SIGNIFICANCE_SOURCES,
     buckets_for,
+    column_major_order,
     combine_significance,
     key_importance,
+    merge_in_order,
     merged_token_counts,
-    reallocate_tokens,
+    significance_order,
     token_allocation,
 )
 
@@ -57,6 +61,10 @@ BLOCK_NORM_EPS = 1e-6  # SPEC "Variants": block and stage LayerNorms
 REDUCE_NORM_EPS = 1e-5  # SPEC "Hybrid-scale attention": LayerNorm after the k=sr conv
 MIN_INPUT_SIZE = 32  # one token at stride 32
 ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the first block
+# Largest (heads, queries, keys) score block per image that the global half of a hybrid-scale
+# block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Exported
+# graphs (ONNX) take the unchunked path: the size test would fix their input size.
+GLOBAL_ATTENTION_CHUNK = 2**24
 
 
 class HybridScaleAttention(nn.Module):
@@ -104,36 +112,78 @@ class HybridScaleAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _global(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, C) -> ((B, N, hg*d) output, (B, N) attention received per token)."""
+    def _input_layers(self) -> list[nn.Linear]:
+        """The linears that read the block input, in the column order of the fused product."""
+        layers = [self.lepe_linear]
+        if self.global_heads:
+            layers.append(self.q_global)
+        if self.local_heads:
+            layers += [self.q_local, self.kv_local]  # adjacent: one q|k|v slice for the windows
+        return layers
+
+    def _global(
+        self, x: torch.Tensor, q: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global heads over the ``sr``-reduced grid.
+
+        Args:
+            x: (B, N, C) block input.
+            q: (B, N, hg*d) queries.
+
+        Returns:
+            (B, N, hg, d) output (a strided view where possible) and (B, N) attention
+            received per token.
+        """
         B, N, C = x.shape
         H, W = grid
         sr, heads, d = self.sr_ratio, self.global_heads, self.head_dim
-        q = self.q_global(x).reshape(B, N, heads, d).transpose(1, 2)  # B, hg, N, d
-        pad_h, pad_w = grid_padding(H, W, sr)
+        q = q.reshape(B, N, heads, d).transpose(1, 2)  # B, hg, N, d
+        padding = grid_padding(H, W, sr)
         spatial = x.transpose(1, 2).reshape(B, C, H, W)  # B, C, H, W
-        # Zeros beyond the border, as a convolution's own padding: a border cell of the reduced
-        # grid then sums only real positions. Every reduced cell holds at least one real one.
-        spatial = F.pad(spatial, (0, pad_w, 0, pad_h))  # B, C, Hp, Wp
+        if padding_needed(padding):
+            # Zeros beyond the border, as a convolution's own padding: a border cell of the
+            # reduced grid then sums only real positions. Every reduced cell holds a real one.
+            spatial = F.pad(spatial, (0, padding[1], 0, padding[0]))  # B, C, Hp, Wp
         reduced = self.reduce(spatial)  # B, C, Hr, Wr
         Hr, Wr = reduced.shape[-2:]
         reduced = self.reduce_act(self.reduce_norm(reduced.flatten(2).transpose(1, 2)))  # B, M, C
         kv = self.kv_global(reduced).reshape(B, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # B, hg, M, d each
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, N, M
-        received = key_importance(attn).reshape(B, Hr, Wr)  # B, Hr, Wr
+        M = k.shape[2]
+        # The (B, hg, N, M) probabilities are needed for the significance map, so no fused
+        # kernel; past a size, queries go in chunks and only per-key sums are kept.
+        if heads * N * M <= GLOBAL_ATTENTION_CHUNK or torch.compiler.is_exporting():
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, N, M
+            received = key_importance(attn)  # B, M
+            out = (self.attn_drop(attn) @ v).transpose(1, 2)  # B, N, hg, d
+        else:
+            received, outs = q.new_zeros(B, M), []
+            chunk = max(1, GLOBAL_ATTENTION_CHUNK // (heads * M))  # queries per chunk
+            for start in range(0, N, chunk):
+                part = q[:, :, start : start + chunk]  # B, hg, n, d
+                attn = ((part * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, n, M
+                received += attn.detach().mean(dim=1).sum(dim=1)  # B, M
+                outs.append((self.attn_drop(attn) @ v).transpose(1, 2))  # B, n, hg, d
+            out = torch.cat(outs, dim=1)  # B, N, hg, d
+            received = received / N
+        received = received.reshape(B, Hr, Wr)  # B, Hr, Wr
         # Nearest-neighbour upsampling by sr, then drop the padded rows and columns.
         received = received.repeat_interleave(sr, dim=1).repeat_interleave(sr, dim=2)
-        received = received[:, :H, :W].reshape(B, N)  # B, N
-        out = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, heads * d)  # B, N, hg*d
-        return out, received
+        return out, received[:, :H, :W].reshape(B, N)  # B, N
 
-    def _local(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, C) -> ((B, N, hl*d) output, (B, N) attention received per token)."""
-        B, N, _ = x.shape
+    def _local(self, qkv: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local heads within windows.
+
+        Args:
+            qkv: (B, N, 3*hl*d) queries, keys and values.
+
+        Returns:
+            The output on the padded grid as a view, (B, Hp/w, w, Wp/w, w, hl, d) (crop
+            ``[:H, :W]`` after merging the window axes), and (B, N) attention received per token.
+        """
+        B, N, _ = qkv.shape
         H, W = grid
         w, heads, d = self.window_size, self.local_heads, self.head_dim
-        qkv = torch.cat([self.q_local(x), self.kv_local(x)], dim=-1)  # B, N, 3*hl*d
         padding = grid_padding(H, W, w)
         Hp, Wp = H + padding[0], W + padding[1]
         qkv = pad_grid(qkv.reshape(B, H, W, -1), padding)  # B, Hp, Wp, 3*hl*d
@@ -142,7 +192,7 @@ class HybridScaleAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW, hl, w*w, w*w
         query_mask = None
         if padding_needed(padding):
-            real = window_partition(valid_mask(H, W, padding, x.device)[None, :, :, None], w)
+            real = window_partition(valid_mask(H, W, padding, qkv.device)[None, :, :, None], w)
             real = real.reshape(-1, w * w)  # nW, w*w
             # Padded keys get no attention; padded queries are computed, then cropped away.
             attn = attn.view(B, -1, heads, w * w, w * w)  # B, nW, hl, w*w, w*w
@@ -153,25 +203,46 @@ class HybridScaleAttention(nn.Module):
         received = key_importance(attn, query_mask)  # B*nW, w*w
         received = window_reverse(received.unsqueeze(-1), w, Hp, Wp)  # B, Hp, Wp, 1
         received = received[:, :H, :W].reshape(B, N)  # B, N
-        out = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(-1, w * w, heads * d)
-        out = window_reverse(out, w, Hp, Wp)[:, :H, :W]  # B, H, W, hl*d
-        return out.reshape(B, N, heads * d), received
+        nh, nw = Hp // w, Wp // w
+        out = self.attn_drop(attn) @ v  # B*nW, hl, w*w, d
+        # Windows back onto the grid as a view: the caller adds it without an extra copy.
+        out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)  # B,nh,w,nw,w,hl,d
+        return out, received
 
     def forward(
         self, x: torch.Tensor, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """(B, N, C) -> ((B, N, C), (global part (B, N) or None, local part (B, N) or None))."""
-        B, N, C = x.shape
-        outs, global_part, local_part = [], None, None
+        C = x.shape[-1]
+        global_dim = self.global_heads * self.head_dim
+        local_dim = 3 * self.local_heads * self.head_dim
+        lepe, q_global, qkv_local = stacked_linear(x, self._input_layers()).split(
+            [C, global_dim, local_dim], dim=-1
+        )  # B, N, C | hg*d | 3*hl*d
+        B, N, _ = x.shape
+        H, W = grid
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
+        outs, widths, global_part, local_part = [], [], None, None
         if self.global_heads:
-            out, global_part = self._global(x, grid)
+            out, global_part = self._global(x, q_global, grid)  # B, N, hg, d
             outs.append(out)
+            widths.append(global_dim)
         if self.local_heads:
-            out, local_part = self._local(x, grid)
+            out, local_part = self._local(qkv_local, grid)  # B, nh, w, nw, w, hl, d
+            _, nh, w, nw, *_ = out.shape
+            if nh * w != H or nw * w != W:  # padded: merge the window axes, crop
+                out = out.reshape(B, nh * w, nw * w, -1)[:, :H, :W]  # B, H, W, hl*d
             outs.append(out)
-        lepe = locally_enhanced(x, grid, self.lepe_linear, self.lepe_conv)  # B, N, C
-        x = self.proj_drop(self.proj(torch.cat(outs, dim=-1) + lepe))
-        return x, (global_part, local_part)
+            widths.append(C - global_dim)
+        if torch.is_grad_enabled():
+            # Under autograd every in-place write into a slice would copy the whole gradient.
+            mixed = mixed + torch.cat([o.reshape(B, N, -1) for o in outs], dim=-1)  # B, N, C
+        else:
+            # The LePE map is the output buffer: each scale adds its heads' output into its
+            # channel slice (global heads first): proj's input `concat(global, local) + lepe`.
+            for out, part in zip(outs, mixed.split(widths, dim=-1), strict=True):
+                part.view(out.shape).add_(out)
+        return self.proj_drop(self.proj(mixed)), (global_part, local_part)
 
 
 class SelfGuidedAttention(nn.Module):
@@ -212,16 +283,15 @@ class SelfGuidedAttention(nn.Module):
         """(B, N, C) tokens and (B, N) significance -> (B, N, C)."""
         B, N, C = x.shape
         heads, d, half = self.num_heads, self.head_dim, self.num_heads // 2
-        q = self.q(x).reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
+        q, lepe = stacked_linear(x, [self.q, self.lepe_linear]).split(C, dim=-1)  # B, N, C each
+        q = q.reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
         merges = [(m.weight, m.bias) for m in self.merge]
-        first = reallocate_tokens(x, significance, self.buckets, merges)  # B, M', C
+        first = merge_in_order(x, significance_order(significance), self.buckets, merges)
         # The published layer builds the sequence of the last heads from the column-major grid.
         # It equals the first unless significance values tie: the sort then orders tied tokens
         # differently, so we repeat it to reproduce the published outputs (docs/published_code.md).
-        H, W = grid
-        x_cols = x.view(B, H, W, C).transpose(1, 2).reshape(B, N, C)  # B, N, C column-major
-        s_cols = significance.view(B, H, W).transpose(1, 2).reshape(B, N)  # B, N column-major
-        last = reallocate_tokens(x_cols, s_cols, self.buckets, merges)  # B, M', C
+        order = column_major_order(significance, grid)  # B, N
+        last = merge_in_order(x, order, self.buckets, merges)  # B, M', C
         M = first.shape[1]
         kv = torch.cat(
             [
@@ -233,9 +303,9 @@ class SelfGuidedAttention(nn.Module):
         k, v = kv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        out = out.transpose(1, 2).reshape(B, N, C)  # B, N, C
-        lepe = locally_enhanced(x, grid, self.lepe_linear, self.lepe_conv)  # B, N, C
-        return self.proj_drop(self.proj(out + lepe))
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
+        mixed = add_into(mixed.view(B, N, heads, -1), out.transpose(1, 2))  # B, N, heads, d
+        return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
 
 class GlobalAttention(nn.Module):
@@ -266,13 +336,16 @@ class GlobalAttention(nn.Module):
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         heads = self.num_heads
-        q = self.q(x).reshape(B, N, heads, -1).transpose(1, 2)  # B, heads, N, d
-        k, v = self.kv(x).reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, kv, lepe = stacked_linear(x, [self.q, self.kv, self.lepe_linear]).split(
+            [C, 2 * C, C], dim=-1
+        )  # B, N, C | 2C | C
+        q = q.reshape(B, N, heads, -1).transpose(1, 2)  # B, heads, N, d
+        k, v = kv.reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        out = out.transpose(1, 2).reshape(B, N, C)  # B, N, C
-        lepe = locally_enhanced(x, grid, self.lepe_linear, self.lepe_conv)  # B, N, C
-        return self.proj_drop(self.proj(out + lepe))
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
+        mixed = add_into(mixed.view(B, N, heads, -1), out.transpose(1, 2))  # B, N, heads, d
+        return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
 
 SignificanceParts = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -330,8 +403,9 @@ class SGFormerBlock(nn.Module):
             out = self.attn(self.norm1(x), grid, significance)
         else:
             out = self.attn(self.norm1(x), grid)
-        x = x + self.drop_path1(out)
-        x = x + self.drop_path2(self.mlp(self.norm2(x), grid))
+        # In inference residual sums land in the branch outputs, which nothing else holds.
+        x = add_into(self.drop_path1(out), x)
+        x = add_into(self.drop_path2(self.mlp(self.norm2(x), grid)), x)
         return x, parts
 
 

@@ -154,8 +154,47 @@ def reallocate_tokens(
         (B, M', C) merged tokens, least significant buckets first, with
         M' = sum(merged_token_counts(N, buckets)).
     """
+    return merge_in_order(tokens, significance_order(significance), buckets, merges)
+
+
+def column_major_order(significance: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Ascending order of the column-major map, as row-major token indices.
+
+    The published layer sorts the map read column by column for its last heads
+    (docs/published_code.md, "Tied significance values"). Sorting that reading, then mapping
+    each position back to its row-major index, gathers the very tokens the published layer
+    gathers from its column-major copy of the tokens, without making that copy.
+
+    Args:
+        significance: (B, N) row-major map of an (H, W) grid.
+
+    Returns:
+        (B, N) row-major token indices.
+    """
+    B, N = significance.shape
+    H, W = grid
+    by_columns = significance.view(B, H, W).transpose(1, 2).reshape(B, N)  # B, N column-major
+    order = significance_order(by_columns)  # B, N column-major positions
+    return (order % H) * W + order // H  # B, N row-major indices
+
+
+def merge_in_order(
+    tokens: torch.Tensor,
+    order: torch.Tensor,
+    buckets: tuple[Bucket, ...],
+    merges: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Gather tokens in ``order``, bucket that sequence and merge each bucket's runs.
+
+    Args:
+        tokens: (B, N, C).
+        order: (B, N) token indices, least significant first.
+        buckets, merges: as for :func:`reallocate_tokens`.
+
+    Returns:
+        (B, M', C) merged tokens.
+    """
     B, N, C = tokens.shape
-    order = significance_order(significance)  # B, N
     ordered = torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
     merged = [
         merge_runs(ordered[:, start:end], weight, bias)

@@ -1,7 +1,8 @@
 """Small layers and tensor helpers of SG-Former, one concept per file."""
 
 from .downsample import Downsample, Stem
-from .lepe import locally_enhanced
+from .fused import add_into, stacked_linear
+from .lepe import conv_on_grid, locally_enhanced
 from .mlp import DepthwiseConvMlp
 from .padding import PAD_FILL_VALUE, grid_padding, pad_grid, padding_needed, valid_mask
 from .pos_embed import sincos_2d_table
@@ -12,11 +13,14 @@ __all__ = [
     "DepthwiseConvMlp",
     "Downsample",
     "Stem",
+    "add_into",
+    "conv_on_grid",
     "grid_padding",
     "locally_enhanced",
     "pad_grid",
     "padding_needed",
     "sincos_2d_table",
+    "stacked_linear",
     "valid_mask",
     "window_partition",
     "window_reverse",

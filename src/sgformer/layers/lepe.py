@@ -1,7 +1,25 @@
-"""Locally-enhanced positional term that every SG-Former attention adds before its projection."""
+"""Convolutions over the token grid, and the locally-enhanced term every attention adds."""
 
 import torch
 from torch import nn
+
+
+def conv_on_grid(tokens: torch.Tensor, grid: tuple[int, int], conv: nn.Conv2d) -> torch.Tensor:
+    """Run ``conv`` on tokens laid out as their (H, W) grid.
+
+    Contiguous (B, N, C) tokens are already a channels-last (B, C, H, W) map, so no copy is
+    made on the way in or out; a strided input (a slice of a wider product) is compacted first,
+    as the convolution kernels are much slower on gapped memory.
+
+    Args:
+        tokens: (B, N, C), N = H * W.
+
+    Returns:
+        (B, N, C_out), contiguous.
+    """
+    B, N, C = tokens.shape
+    spatial = tokens.contiguous().transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
+    return conv(spatial).flatten(2).transpose(1, 2)  # B, N, C_out
 
 
 def locally_enhanced(
@@ -17,6 +35,4 @@ def locally_enhanced(
     Returns:
         (B, N, C).
     """
-    B, N, C = x.shape
-    spatial = linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
-    return conv(spatial).flatten(2).transpose(1, 2)  # B, N, C
+    return conv_on_grid(linear(x), grid, conv)

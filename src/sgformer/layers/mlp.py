@@ -3,6 +3,9 @@
 import torch
 from torch import nn
 
+from .fused import add_into
+from .lepe import conv_on_grid
+
 
 class DepthwiseConvMlp(nn.Module):
     """``fc2(GELU(h + dwconv3x3(h)))`` with ``h = fc1(x)`` (SPEC "Layout", MLP)."""
@@ -28,10 +31,8 @@ class DepthwiseConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, C) tokens of an (H, W) grid -> (B, N, C)."""
-        B, N, _ = x.shape
-        H, W = grid
         h = self.fc1(x)  # B, N, Ch
-        spatial = h.transpose(1, 2).reshape(B, -1, H, W)  # B, Ch, H, W
-        h = h + self.dwconv(spatial).flatten(2).transpose(1, 2)  # B, N, Ch
+        # In inference the sum lands in the convolution's output: no further (B, N, Ch) buffer.
+        h = add_into(conv_on_grid(h, grid, self.dwconv), h)  # B, N, Ch
         h = self.drop1(self.act(h))
         return self.drop2(self.fc2(h))

@@ -1,0 +1,112 @@
+"""SG-Former against the authors' published implementation and its peers, side by side.
+
+The published model file is not part of this project; give its path:
+
+    python benchmarks/compare_published.py --published-code /path/to/sgformer.py \
+        --threads 2 --mode infer train --output benchmarks/results/cpu
+
+The file is imported as it is (its folder goes on sys.path for its own imports, ``np.float`` is
+restored for its numpy use, and its ``@register_model`` is made a no-op so that it does not
+replace this package's timm entries). Its model is built with the published configuration of
+the variant (SPEC "Variants") and random weights: speed does not depend on the values.
+"""
+
+import argparse
+import importlib.util
+import sys
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+from torch import nn
+
+import sgformer  # noqa: F401  (registers the models with timm)
+from sgformer.benchmark import benchmark_report
+from sgformer.model import BLOCK_NORM_EPS, VARIANTS
+
+PEERS = ("swin_tiny_patch4_window7_224", "pvt_v2_b2", "convnext_tiny")
+PUBLISHED_SR_RATIOS = [8, 4, 2, 1]
+
+
+def load_published(path: Path, variant: str) -> nn.Module:
+    """The published implementation's model for ``variant``, from its file at ``path``."""
+    import numpy as np
+
+    if not hasattr(np, "float"):
+        np.float = float  # the published file uses the alias numpy removed in 1.24
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("sgformer_published", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    with mock.patch("timm.models.registry.register_model", lambda fn: fn):
+        spec.loader.exec_module(module)
+    config = VARIANTS[variant]
+    return module.SGFormer(
+        embed_dims=list(config["embed_dims"]),
+        num_heads=list(config["num_heads"]),
+        depths=list(config["depths"]),
+        mlp_ratios=[4, 4, 4, 4],
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=BLOCK_NORM_EPS),
+        sr_ratios=PUBLISHED_SR_RATIOS,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--published-code", type=Path, required=True, help="published sgformer.py")
+    parser.add_argument("--variant", default="sgformer_s", choices=sorted(VARIANTS))
+    parser.add_argument("--peers", nargs="*", default=list(PEERS))
+    parser.add_argument("--img-size", nargs="+", type=int, default=[224])
+    parser.add_argument("-b", "--batch-size", type=int, default=16)
+    parser.add_argument("--train-batch-size", type=int, default=8)
+    parser.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=("bf16", "fp16"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    if not args.published_code.is_file():
+        parser.error(f"--published-code: no such file {args.published_code}")
+
+    published = f"published_{args.variant}"
+    report = benchmark_report(
+        [args.variant, published, *args.peers],
+        output=args.output,
+        factories={published: partial(load_published, args.published_code, args.variant)},
+        img_sizes=args.img_size,
+        batch_size=args.batch_size,
+        train_batch_size=args.train_batch_size,
+        modes=args.mode,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    print(report["table"])
+    rows = report["rows"]
+    for mode in args.mode:
+        for size in args.img_size:
+            same = {
+                r["model"]: r["img_per_s"]
+                for r in rows
+                if r["mode"] == mode and r["img_size"] == size and r["img_per_s"]
+            }
+            ours = same.get(args.variant)
+            if ours:
+                ratios = ", ".join(
+                    f"{ours / v:.2f}x {k}" for k, v in same.items() if k != args.variant
+                )
+                print(f"{mode} {size}px: {args.variant} = {ratios}")
+    for path in report["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Several linears that read the same input, run as one matrix product."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def stacked_linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
+    """``torch.cat([layer(x) for layer in layers], -1)`` with one matrix product.
+
+    The weights are stacked at call time (a copy of a few weight matrices, small next to the
+    product), so state_dict names stay per layer and gradients reach each layer's own weight.
+    Every output column is the same dot product its own layer computes; a missing bias is a
+    zero one.
+
+    Args:
+        x: (..., C_in).
+
+    Returns:
+        (..., sum C_out_i); slice it with ``split`` (strided views, no copies).
+    """
+    weight = torch.cat([layer.weight for layer in layers])  # sum C_out_i, C_in
+    biases = [
+        layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+        for layer in layers
+    ]
+    return F.linear(x, weight, torch.cat(biases))  # ..., sum C_out_i
+
+
+def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``buffer + value``, written into ``buffer`` when autograd is not recording.
+
+    In inference the sum then needs no new buffer. Under autograd it is computed out of place:
+    an in-place update of a view (a linear's 3-D output and a channels-last convolution's token
+    view are views) makes the backward pass copy the whole gradient of the view's base.
+    """
+    if torch.is_grad_enabled():
+        return buffer + value
+    return buffer.add_(value)

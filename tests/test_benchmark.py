@@ -1,0 +1,87 @@
+"""Benchmark command: rows for every model and size, one-line errors for bad input."""
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from sgformer import benchmark
+from sgformer.benchmark import CSV_COLUMNS, count_macs, run_benchmark
+from sgformer.cli import main
+
+FAST = {"batch_size": 2, "warmup": 1, "repeats": 2}
+
+
+def test_cli_reports_good_rows_beside_bad_input(tmp_path, capsys) -> None:
+    status = main(
+        ["benchmark", "--models", "sgformer_nano", "no_such_model", "--img-size", "64", "16"]
+        + ["-b", "2", "--warmup", "1", "--repeats", "2", "--output", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    with (tmp_path / "benchmark.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["img_size"]) for r in rows] == [
+        ("sgformer_nano", "64"),
+        ("no_such_model", "64"),
+        ("sgformer_nano", "16"),
+        ("no_such_model", "16"),
+    ]
+    good = rows[0]
+    assert good["error"] == "" and float(good["img_per_s"]) > 0 and float(good["gmacs"]) > 0
+    assert float(good["ms_per_img"]) == pytest.approx(1000 / float(good["img_per_s"]), rel=0.02)
+    assert "unknown model 'no_such_model'" in rows[1]["error"]
+    assert "image size 16 is below the smallest side 32" in rows[2]["error"]
+    assert "error: unknown model 'no_such_model'" in out
+    assert (tmp_path / "throughput_vs_size.png").stat().st_size > 0
+    assert (tmp_path / "throughput_vs_gmacs.png").stat().st_size > 0
+
+
+def test_cuda_without_gpu_is_one_line_per_row(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = run_benchmark(["sgformer_nano"], img_sizes=[64], device="cuda", **FAST)
+    assert len(rows) == 1 and rows[0]["img_per_s"] is None
+    assert rows[0]["error"] == "device 'cuda' requested but no CUDA GPU is available (torch.cuda)"
+
+
+def test_out_of_memory_becomes_a_row_and_others_still_run() -> None:
+    class Greedy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 TB")
+
+    rows = run_benchmark(
+        ["greedy", "sgformer_nano"], img_sizes=[64], factories={"greedy": Greedy}, **FAST
+    )
+    assert rows[0]["error"].startswith("out of memory (DefaultCPUAllocator")
+    assert rows[1]["error"] == "" and rows[1]["img_per_s"] > 0
+    assert rows[1]["vs_baseline"] == 1.0  # the first model measured is the baseline
+
+
+def test_train_mode_measures_steps_and_memory() -> None:
+    rows = run_benchmark(["sgformer_nano"], img_sizes=[64], modes=["train"], **FAST)
+    row = rows[0]
+    assert row["error"] == "" and row["mode"] == "train" and row["img_per_s"] > 0
+    assert row["peak_mem_mb"] is not None and set(row) == set(CSV_COLUMNS)
+
+
+def test_bad_mode_raises() -> None:
+    with pytest.raises(ValueError, match="modes must be among"):
+        run_benchmark(["sgformer_nano"], modes=["predict"])
+
+
+def test_table_lists_errors_in_one_line() -> None:
+    rows = run_benchmark(["nope"], img_sizes=[64], **FAST)
+    table = benchmark.format_table(rows)
+    assert table.splitlines()[1].endswith("error: unknown model 'nope' (not a timm model name)")
+
+
+def test_macs_grow_with_image_area() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+    small = count_macs(model, torch.randn(1, 3, 32, 32))["total"]
+    large = count_macs(model, torch.randn(1, 3, 64, 64))["total"]
+    assert small == 32 * 32 * 8 * 27 and large == 4 * small

@@ -1,0 +1,177 @@
+"""The fast attention and MLP paths against a plain transcription of SPEC "Attention".
+
+The model runs fused products (one matrix product for every linear that reads a block's
+input), adds attention outputs straight into the LePE buffer, gathers the column-major
+sequence without copying the tokens, and chunks large global attention. The references below
+compute the same thing layer by layer, one linear at a time, as the published code does; the
+fast paths must give the same outputs, significance maps and gradients, also on padded grids.
+Golden data (tests/test_golden.py) covers the published outputs themselves.
+"""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import sgformer.model
+from sgformer.layers import grid_padding, pad_grid, valid_mask, window_partition, window_reverse
+from sgformer.model import GlobalAttention, HybridScaleAttention, SelfGuidedAttention
+from sgformer.reallocation import key_importance, reallocate_tokens
+
+SIZES = [(224, 224), (97, 131)]  # a grid every window and reduction divides; one padded
+
+
+def _lepe(attn, x, grid):
+    B, N, C = x.shape
+    spatial = attn.lepe_linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
+    return attn.lepe_conv(spatial).flatten(2).transpose(1, 2)  # B, N, C
+
+
+def _hybrid_reference(attn, x, grid):
+    B, N, C = x.shape
+    H, W = grid
+    d, hg, hl = attn.head_dim, attn.global_heads, attn.local_heads
+    # Global heads over the sr-reduced, zero-padded grid.
+    sr = attn.sr_ratio
+    q = attn.q_global(x).reshape(B, N, hg, d).transpose(1, 2)  # B, hg, N, d
+    pad_h, pad_w = grid_padding(H, W, sr)
+    spatial = F.pad(x.transpose(1, 2).reshape(B, C, H, W), (0, pad_w, 0, pad_h))
+    reduced = attn.reduce(spatial)  # B, C, Hr, Wr
+    Hr, Wr = reduced.shape[-2:]
+    reduced = attn.reduce_act(attn.reduce_norm(reduced.flatten(2).transpose(1, 2)))  # B, M, C
+    k, v = attn.kv_global(reduced).reshape(B, -1, 2, hg, d).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, N, M
+    global_part = key_importance(probs).reshape(B, Hr, Wr)
+    global_part = global_part.repeat_interleave(sr, 1).repeat_interleave(sr, 2)[:, :H, :W]
+    global_out = (probs @ v).transpose(1, 2).reshape(B, N, hg * d)  # B, N, hg*d
+    # Local heads in 7x7 windows of the padded grid, padded keys masked.
+    w = attn.window_size
+    padding = grid_padding(H, W, w)
+    Hp, Wp = H + padding[0], W + padding[1]
+    qkv = torch.cat([attn.q_local(x), attn.kv_local(x)], dim=-1).reshape(B, H, W, -1)
+    windows = window_partition(pad_grid(qkv, padding), w)  # B*nW, w*w, 3*hl*d
+    q, k, v = windows.reshape(-1, w * w, 3, hl, d).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # B*nW, hl, w*w, w*w
+    real = window_partition(valid_mask(H, W, padding)[None, :, :, None], w).reshape(-1, w * w)
+    scores = scores.view(B, -1, hl, w * w, w * w).masked_fill(
+        ~real[None, :, None, None, :], float("-inf")
+    )
+    probs = scores.view(-1, hl, w * w, w * w).softmax(dim=-1)
+    local_part = key_importance(probs, real.repeat(B, 1))  # B*nW, w*w
+    local_part = window_reverse(local_part.unsqueeze(-1), w, Hp, Wp)[:, :H, :W]
+    local_out = (probs @ v).transpose(1, 2).reshape(-1, w * w, hl * d)
+    local_out = window_reverse(local_out, w, Hp, Wp)[:, :H, :W].reshape(B, N, hl * d)
+    out = attn.proj(torch.cat([global_out, local_out], dim=-1) + _lepe(attn, x, grid))
+    return out, (global_part.reshape(B, N), local_part.reshape(B, N))
+
+
+def _guided_reference(attn, x, grid, significance):
+    B, N, C = x.shape
+    H, W = grid
+    heads, d, half = attn.num_heads, attn.head_dim, attn.num_heads // 2
+    merges = [(m.weight, m.bias) for m in attn.merge]
+    first = reallocate_tokens(x, significance, attn.buckets, merges)
+    x_cols = x.view(B, H, W, C).transpose(1, 2).reshape(B, N, C)  # B, N, C column-major
+    s_cols = significance.view(B, H, W).transpose(1, 2).reshape(B, N)
+    last = reallocate_tokens(x_cols, s_cols, attn.buckets, merges)
+    M = first.shape[1]
+    k_first, v_first = attn.kv_first(first).reshape(B, M, 2, half, d).permute(2, 0, 3, 1, 4)
+    k_last, v_last = attn.kv_last(last).reshape(B, M, 2, heads - half, d).permute(2, 0, 3, 1, 4)
+    q = attn.q(x).reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
+    k, v = torch.cat([k_first, k_last], dim=1), torch.cat([v_first, v_last], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v)  # B, heads, N, d
+    return attn.proj(out.transpose(1, 2).reshape(B, N, C) + _lepe(attn, x, grid))
+
+
+def _global_reference(attn, x, grid):
+    B, N, C = x.shape
+    heads = attn.num_heads
+    q = attn.q(x).reshape(B, N, heads, -1).transpose(1, 2)  # B, heads, N, d
+    k, v = attn.kv(x).reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+    return attn.proj(out + _lepe(attn, x, grid))
+
+
+def _mlp_reference(mlp, x, grid):
+    B, N, _ = x.shape
+    h = mlp.fc1(x)  # B, N, Ch
+    h = h + mlp.dwconv(h.transpose(1, 2).reshape(B, -1, *grid)).flatten(2).transpose(1, 2)
+    return mlp.fc2(mlp.act(h))
+
+
+def _reference_model(model, monkeypatch):
+    """Route every attention and MLP of ``model``'s classes through the references."""
+    monkeypatch.setattr(HybridScaleAttention, "forward", _hybrid_reference)
+    monkeypatch.setattr(SelfGuidedAttention, "forward", _guided_reference)
+    monkeypatch.setattr(GlobalAttention, "forward", _global_reference)
+    monkeypatch.setattr(type(model.stages[0].blocks[0].mlp), "forward", _mlp_reference)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("sgformer_nano").eval()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fast_paths_equal_reference(model, monkeypatch, size) -> None:
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        fast = model.forward_intermediates(x)
+        fast_maps = model.forward_significance(x)
+        _reference_model(model, monkeypatch)
+        reference = model.forward_intermediates(x)
+        reference_maps = model.forward_significance(x)
+    torch.testing.assert_close(fast[0], reference[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast[1], reference[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_maps, reference_maps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fast_paths_give_reference_gradients(monkeypatch, size) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("sgformer_nano", num_classes=10).train()
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    target = torch.tensor([1, 7])
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        F.cross_entropy(model(x), target).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {**grads, "input": x.grad.clone()}
+
+    fast = gradients()
+    _reference_model(model, monkeypatch)
+    reference = gradients()
+    assert fast.keys() == reference.keys()
+    assert len(fast) == len(list(model.parameters())) + 1  # every parameter and the input
+    for name, grad in reference.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(fast[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_chunked_global_attention_equals_whole(model, monkeypatch) -> None:
+    # One layer, not the model: a rounding change in a significance map may swap two tokens
+    # of nearly equal score in the next sort, which moves later outputs by more than rounding.
+    attn = model.stages[0].blocks[0].attn
+    grid = (25, 33)  # a 97 x 131 image: padded for the reduction and the windows
+    x = torch.randn(2, grid[0] * grid[1], attn.proj.in_features)
+    with torch.no_grad():
+        whole, whole_parts = attn(x, grid)
+        # A budget of a few rows of scores forces many query chunks.
+        monkeypatch.setattr(sgformer.model, "GLOBAL_ATTENTION_CHUNK", 1000)
+        chunked, chunked_parts = attn(x, grid)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked_parts, whole_parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_without_graph_breaks(model) -> None:
+    x = torch.randn(2, 3, 224, 224)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
