@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .coco import (
     IOU_TYPES,
@@ -43,7 +43,6 @@ from .convert import read_checkpoint
 from .engine import (
     LAST_CHECKPOINT,
     Distributed,
-    ShardSampler,
     _plain,
     amp_settings,
     autocast,
@@ -51,6 +50,7 @@ from .engine import (
     collect_images,
     epoch_seed,
     load_checkpoint,
+    make_sampler,
     make_scaler,
     optimizer_step,
     progress_bar,
@@ -470,16 +470,10 @@ def make_detection_loader(
     seed: int,
 ) -> DataLoader:
     """Shuffled ``DistributedSampler`` batches for training, in-order shards for evaluation."""
-    if is_training:
-        sampler: Any = DistributedSampler(
-            dataset, dist_info.world_size, dist_info.rank, shuffle=True, seed=seed
-        )
-    else:
-        sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=make_sampler(dataset, dist_info, is_training, seed, drop_last=False),
         num_workers=workers,
         collate_fn=collate_detection,
         pin_memory=dist_info.device.type == "cuda",

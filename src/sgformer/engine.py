@@ -499,6 +499,23 @@ def build_dataset(
     return dataset, names
 
 
+def make_sampler(
+    dataset: Dataset, dist_info: Distributed, is_training: bool, seed: int, drop_last: bool = True
+) -> torch.utils.data.Sampler[int]:
+    """Training: a seeded, shuffled ``DistributedSampler`` (also for one rank, so one process
+    and many see the same permutation). Evaluation: in-order shards, each item once."""
+    if is_training:
+        return DistributedSampler(
+            dataset,
+            dist_info.world_size,
+            dist_info.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=drop_last,
+        )
+    return ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
+
+
 def make_loader(
     dataset: Dataset,
     transform: Any,
@@ -516,16 +533,10 @@ def make_loader(
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     dataset.transform = transform
     wrapped = SkipUnreadable(dataset)
-    if is_training:
-        sampler = DistributedSampler(
-            wrapped, dist_info.world_size, dist_info.rank, shuffle=True, seed=seed, drop_last=True
-        )
-    else:
-        sampler = ShardSampler(len(wrapped), dist_info.rank, dist_info.world_size)
     return DataLoader(
         wrapped,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=make_sampler(wrapped, dist_info, is_training, seed),
         num_workers=workers,
         collate_fn=collate_skipping,
         drop_last=is_training,  # Mixup/CutMix pair samples within a batch

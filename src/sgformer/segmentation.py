@@ -44,7 +44,6 @@ from .engine import (
     IMAGE_EXTENSIONS,
     LAST_CHECKPOINT,
     Distributed,
-    ShardSampler,
     _plain,
     amp_settings,
     autocast,
@@ -52,6 +51,7 @@ from .engine import (
     collect_images,
     epoch_seed,
     load_checkpoint,
+    make_sampler,
     make_scaler,
     optimizer_step,
     progress_bar,
@@ -794,16 +794,10 @@ def _loader(
     training: bool,
     seed: int,
 ) -> DataLoader:
-    if training:
-        sampler: Any = DistributedSampler(
-            dataset, dist_info.world_size, dist_info.rank, shuffle=True, seed=seed, drop_last=True
-        )
-    else:
-        sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=make_sampler(dataset, dist_info, training, seed),
         num_workers=workers,
         collate_fn=collate_samples,
         drop_last=training,
