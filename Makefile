@@ -25,7 +25,7 @@ DEMO_RUN := runs/demo
 DEMO_IMAGES := $(DEMO_DATA)/val/*/val_0000[0-7].png  # one per class, expanded by the shell
 
 demo: $(STAMP)
-	$(BIN)/sgformer data shapes $(DEMO_DATA)
+	$(BIN)/sgformer data shapes $(DEMO_DATA) --force  # rewritten only when it differs
 	rm -rf $(DEMO_RUN)
 	$(BIN)/sgformer train --recipe shapes_demo --data-dir $(DEMO_DATA) --output $(DEMO_RUN)
 	$(BIN)/sgformer validate --data-dir $(DEMO_DATA) --checkpoint $(DEMO_RUN)/best.pth \

@@ -12,9 +12,14 @@ from torchvision.datasets import ImageFolder
 
 from sgformer.cli import main
 from sgformer.data import (
+    ARROW_HEAD_HALF_WIDTH,
+    ARROW_SHAFT_HALF_WIDTH,
+    CRESCENT_CUT_OFFSET,
+    CRESCENT_CUT_RATIO,
     CROSS_HALF_WIDTH,
     RING_INNER_RATIO,
     SHAPE_CLASSES,
+    SHAPE_EDGE_MARGIN,
     STAR_INNER_RATIO,
     STAR_POINTS,
     encode_rle,
@@ -55,7 +60,7 @@ def dilate(mask: np.ndarray, steps: int) -> np.ndarray:
 def dataset(tmp_path_factory) -> tuple[Path, dict, list]:
     root = tmp_path_factory.mktemp("shapes")
     calls = []
-    summary = write_shapes_dataset(root, **SMALL, progress=lambda *a: calls.append(a))
+    summary = write_shapes_dataset(root, **SMALL, progress=lambda *a: calls.append(a), workers=2)
     return root, summary, calls
 
 
@@ -78,7 +83,7 @@ def test_summary_and_progress(dataset) -> None:
 
 def test_deterministic_and_independent_of_count(dataset, tmp_path) -> None:
     root, _, _ = dataset
-    write_shapes_dataset(tmp_path / "again", **SMALL)
+    write_shapes_dataset(tmp_path / "again", **SMALL, workers=1)  # the fixture used 2 processes
     assert tree_bytes(tmp_path / "again") == tree_bytes(root)
 
     # Fewer images: the ones written are the same files (each image has its own RNG stream).
@@ -195,6 +200,9 @@ def test_rerun_is_noop_and_other_parameters_refused(dataset) -> None:
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
     with pytest.raises(ValueError, match=r"different seed \(stored \[0\], requested \[3\]\)"):
         write_shapes_dataset(root, **SMALL, seed=3)
+    # --force allows overwriting; it does not rewrite what is already there.
+    assert write_shapes_dataset(root, **SMALL, force=True)["skipped"]
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
 
 def test_foreign_or_incomplete_directory_needs_force(tmp_path) -> None:
@@ -229,10 +237,29 @@ def test_bad_arguments(tmp_path, kwargs, message) -> None:
 
 def test_render_shape_image_is_a_one_shape_scene() -> None:
     image, class_index = render_shape_image(np.random.default_rng(5), 40, class_index=6)
-    scene, instances = render_scene(np.random.default_rng(5), 40, 1, class_indices=[6])
+    scene, instances = render_scene(
+        np.random.default_rng(5), 40, 1, class_indices=[6], edge_margin=SHAPE_EDGE_MARGIN
+    )
     assert class_index == 6 and [c for c, _ in instances] == [6]
     np.testing.assert_array_equal(image, scene)
     assert image.shape == (40, 40, 3) and image.dtype == np.uint8
+
+
+def test_classification_shapes_survive_the_eval_crop() -> None:
+    # The default eval transform keeps the central 90 %: no shape pixel may lie outside it.
+    size = 64
+    edge = int(SHAPE_EDGE_MARGIN * size)
+    touched = np.zeros((size, size), dtype=bool)
+    for i in range(200):
+        _, [(_, mask)] = render_scene(
+            np.random.default_rng(i), size, 1, size_range=(0.75, 0.75), edge_margin=0.05
+        )
+        touched |= mask
+    assert not touched[:edge].any() and not touched[-edge:].any()
+    assert not touched[:, :edge].any() and not touched[:, -edge:].any()
+    # ... yet shapes still reach the margin on every side.
+    inner = (edge + 1, -edge - 2)
+    assert all(touched[i].any() and touched[:, i].any() for i in inner)
 
 
 def test_shape_is_salient_and_mask_matches_pixels() -> None:
@@ -265,12 +292,20 @@ def test_classes_have_distinct_silhouettes() -> None:
         masks.append(mask)
     # Silhouette area over the circumscribed disc's, from the geometry in sgformer.data.
     w, star, ring = CROSS_HALF_WIDTH, STAR_INNER_RATIO, RING_INNER_RATIO
-    polygon = {n: n / 2 * np.sin(2 * np.pi / n) for n in (3, 4, 5, 6)}  # regular n-gon, radius 1
+    polygon = {n: n / 2 * np.sin(2 * np.pi / n) for n in (3, 4)}  # regular n-gon, radius 1
+    head, shaft = ARROW_HEAD_HALF_WIDTH, ARROW_SHAFT_HALF_WIDTH
+    # Crescent: unit disc minus its lens with the cut disc (radius r, centre d away).
+    r, d = CRESCENT_CUT_RATIO, CRESCENT_CUT_OFFSET
+    lens = (
+        np.arccos((d * d + 1 - r * r) / (2 * d))
+        + r * r * np.arccos((d * d + r * r - 1) / (2 * d * r))
+        - 0.5 * np.sqrt((-d + 1 + r) * (d + 1 - r) * (d - 1 + r) * (d + 1 + r))
+    )
     expected = {
+        "arrow": head + 2 * shaft * np.sqrt(1 - shaft * shaft),
         "circle": np.pi,
+        "crescent": np.pi - lens,
         "cross": 8 * np.sqrt(1 - w * w) * w - 4 * w * w,
-        "hexagon": polygon[6],
-        "pentagon": polygon[5],
         "ring": np.pi * (1 - ring * ring),
         "square": polygon[4],
         "star": 2 * STAR_POINTS * 0.5 * star * np.sin(np.pi / STAR_POINTS),

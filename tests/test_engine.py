@@ -238,7 +238,7 @@ def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path, caplog):
         (lambda d: None, ["--num-classes", "5"], "--num-classes 5 disagrees with the 8 class"),
         (lambda d: None, ["--img-size", "16"], "--img-size 16 is too small"),
         (lambda d: None, ["-b", "64"], "make no full batch of 64"),
-        (lambda d: (d / "val" / "hexagon").rename(d / "val" / "oval"), [], "classes the model"),
+        (lambda d: (d / "val" / "crescent").rename(d / "val" / "oval"), [], "classes the model"),
     ],
 )
 def test_bad_training_input_is_one_line(shapes, tmp_path, capsys, setup, flags, message):

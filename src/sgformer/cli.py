@@ -1,6 +1,7 @@
 """Command line: ``sgformer <command>``; each command is one library call."""
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -40,6 +41,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
         dense_img_size=args.dense_img_size,
         seed=args.seed,
         force=args.force,
+        workers=args.workers,
     )
     counts, instances = summary["counts"], summary["num_instances"]
     if summary["skipped"]:
@@ -590,15 +592,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="deterministic salient-shapes dataset: ImageFolder, COCO instances, label PNGs",
     )
     shapes.add_argument("out", help="output directory (missing, empty, or a previous run)")
-    shapes.add_argument("--num-train", type=int, default=2000, help="classification train images")
-    shapes.add_argument("--num-val", type=int, default=500, help="classification val images")
-    shapes.add_argument("--img-size", type=int, default=64, help="classification image side")
-    shapes.add_argument("--num-dense-train", type=int, default=400, help="dense training scenes")
-    shapes.add_argument("--num-dense-val", type=int, default=100, help="dense validation scenes")
-    shapes.add_argument("--dense-img-size", type=int, default=128, help="dense scene side")
-    shapes.add_argument("--seed", type=int, default=0)
+    # Defaults are write_shapes_dataset's, so the CLI and the dense trainers agree on them.
+    from .data import write_shapes_dataset
+
+    default = {
+        name: parameter.default
+        for name, parameter in inspect.signature(write_shapes_dataset).parameters.items()
+    }
+    for flag, what in (
+        ("num_train", "classification train images"),
+        ("num_val", "classification val images"),
+        ("img_size", "classification image side"),
+        ("num_dense_train", "dense training scenes"),
+        ("num_dense_val", "dense validation scenes"),
+        ("dense_img_size", "dense scene side"),
+        ("seed", "numpy SeedSequence entropy"),
+    ):
+        shapes.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=int,
+            default=default[flag],
+            help=f"{what} (default {default[flag]})",
+        )
     shapes.add_argument(
-        "--force", action="store_true", help="overwrite OUT even if it holds other data"
+        "--force",
+        action="store_true",
+        help="overwrite OUT if it holds other data (an identical complete dataset is kept)",
+    )
+    shapes.add_argument(
+        "--workers", type=int, help="processes that render images (default: one per CPU core)"
     )
     shapes.set_defaults(run=_data_shapes)
 

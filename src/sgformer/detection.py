@@ -717,7 +717,9 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
         seed=args.seed,
     )
     optimizer = torch.optim.AdamW(
-        param_groups(model, args.lr, args.weight_decay, args.backbone_lr_mult), lr=args.lr
+        param_groups(model, args.lr, args.weight_decay, args.backbone_lr_mult),
+        lr=args.lr,
+        fused=True,  # one kernel for all parameters, as engine.create_optimizer
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

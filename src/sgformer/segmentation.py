@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode, v2
@@ -49,6 +48,7 @@ from .engine import (
     autocast,
     check_finite_loss,
     collect_images,
+    create_optimizer,
     epoch_seed,
     load_checkpoint,
     make_sampler,
@@ -881,7 +881,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         # Batch 2 per GPU: the heads' BatchNorm sees all ranks' samples (mmseg's SyncBN).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(dist_info.device)
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = create_optimizer(model, "adamw", args.lr, args.weight_decay)
     min_ratio = args.min_lr / args.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, args.iters, args.warmup_iters, args.power, min_ratio)
