@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 # The main job on built-in data: generate the shapes, train sgformer_nano on the CPU, validate,
 # predict a few held-out images, draw their significance maps. Outputs in runs/demo/.
+# sgformer.data.DEFAULT_ROOT, which the dense trainers use without data flags
 DEMO_DATA := data/shapes
 DEMO_RUN := runs/demo
 DEMO_IMAGES := $(DEMO_DATA)/val/*/val_0000[0-7].png  # one per class, expanded by the shell

@@ -49,6 +49,7 @@ SHAPE_CLASSES: tuple[str, ...] = (
 GENERATOR_VERSION = 3
 GENERATOR_NAME = "sgformer.data.shapes"
 METADATA_FILE = "dataset.json"
+DEFAULT_ROOT = Path("data/shapes")  # the built-in data of `make demo` and the dense trainers
 DENSE_SPLITS: tuple[str, ...] = ("training", "validation")
 # Integer spawn keys per split, so that train image 3 and val image 3 get unrelated streams.
 _SPLIT_KEYS = {"train": 0, "val": 1, "training": 2, "validation": 3}
@@ -578,7 +579,7 @@ def write_shapes_dataset(
     num_train: int = 8000,
     num_val: int = 500,
     img_size: int = 64,
-    num_dense_train: int = 400,
+    num_dense_train: int = 2000,
     num_dense_val: int = 100,
     dense_img_size: int = 128,
     seed: int = 0,

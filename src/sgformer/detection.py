@@ -69,7 +69,6 @@ _logger = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = "best.pth"
 TASK = "detection"
-DEFAULT_SHAPES_ROOT = Path("data/shapes")
 FPN_LEVELS = ("0", "1", "2", "3")  # strides 4-32; LastLevelMaxPool adds "pool" (stride 64)
 # torchvision's defaults: one anchor size per FPN level, three aspect ratios.
 COCO_ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -135,15 +134,17 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "max_size": 1333,
     },
     # CPU demo on the 128 px synthetic scenes (shapes 25-64 px across): small model, anchors
-    # matched to the objects, few proposals, light heads.
+    # matched to the objects, few proposals, light heads. Two epochs of the 2000 scenes take
+    # about 7 minutes on a 2-core CPU (docs/detection.md); start from `make demo`'s classifier
+    # with --backbone-checkpoint runs/demo/best.pth, as the paper starts from ImageNet weights.
     "shapes": {
         "model": "sgformer_nano",
-        "epochs": 8,  # under 10 minutes of CPU time (docs/detection.md)
+        "epochs": 2,
         "batch_size": 2,
-        "lr": 1e-3,  # from scratch: no ImageNet backbone for the nano model
+        "lr": 1e-3,
         "weight_decay": 0.05,
-        "lr_steps": (6,),
-        "eval_interval": 2,
+        "lr_steps": (1,),
+        "eval_interval": 1,
         "warmup_iters": 50,
         "clip_grad": 5.0,
         "drop_path": 0.0,
@@ -446,11 +447,13 @@ def resolve_detect_args(given: dict[str, Any]) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
-def shapes_paths(root: str | Path = DEFAULT_SHAPES_ROOT) -> dict[str, str]:
+def shapes_paths() -> dict[str, str]:
     """Write (or reuse) the synthetic shapes data; its dense split as detection arguments."""
-    from .data import write_shapes_dataset
+    from .data import DEFAULT_ROOT, write_shapes_dataset
 
-    summary = write_shapes_dataset(root)
+    # The built-in data folder is the project's: a dataset of other defaults (an older version)
+    # is rewritten; one with these defaults is kept as it is.
+    summary = write_shapes_dataset(DEFAULT_ROOT, force=True)
     dense = Path(summary["dense"])
     return {
         "data_root": str(dense / "images" / "training"),
