@@ -32,6 +32,7 @@ import torch.distributed as dist
 import yaml
 from PIL import Image
 from timm.data import ImageDataset, Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -410,6 +411,23 @@ def find_split_dir(root: str | Path, split: str) -> Path:
     )
 
 
+def find_split_tar(root: str | Path, split: str) -> Path:
+    """``ROOT/split.tar`` (members ``<class>/<image>``) or ``ROOT/split/`` of ``<class>.tar``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory not found: {root}")
+    names = VAL_SPLIT_NAMES if split in VAL_SPLIT_NAMES else (split,)
+    for name in names:
+        if (root / f"{name}.tar").is_file():
+            return root / f"{name}.tar"
+        if (root / name).is_dir() and any((root / name).glob("*.tar")):
+            return root / name
+    raise ValueError(
+        f"no {' or '.join(repr(n) for n in names)} split in {root} for --dataset tar: expected "
+        f"{root}/{names[0]}.tar holding <class>/<image>, or {root}/{names[0]}/<class>.tar"
+    )
+
+
 def _has_image(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*") if p.is_file())
 
@@ -499,6 +517,13 @@ def build_dataset(
         else:
             class_map = {c: i for i, c in enumerate(classes)}
         dataset = ImageDataset(str(split_dir), class_map=class_map)
+    elif args.dataset == "tar":
+        # timm's create_dataset reads a tar only when the root is one tar file, for every split;
+        # its tar reader also takes a folder of per-class tars. Either, per split:
+        split_path = find_split_tar(args.data_dir, split)
+        reader = ReaderImageInTar(str(split_path), class_map=class_map or "")
+        class_map = reader.class_name_to_idx  # the training split's classes name the outputs
+        dataset = ImageDataset(str(split_path), reader=reader)
     else:
         dataset = create_dataset(
             args.dataset,
