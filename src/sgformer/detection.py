@@ -47,6 +47,7 @@ from .engine import (
     amp_settings,
     autocast,
     check_finite_loss,
+    check_not_finished,
     collect_images,
     epoch_seed,
     load_checkpoint,
@@ -55,6 +56,7 @@ from .engine import (
     optimizer_step,
     progress_bar,
     reduce_sum,
+    restore_training_state,
     resume_args,
     save_checkpoint,
     seed_everything,
@@ -736,20 +738,13 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
     start_epoch, iteration, history = 0, 0, []
     best: dict[str, Any] = {"bbox_AP": -1.0, "epoch": -1}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
         start_epoch, iteration = checkpoint["epoch"], checkpoint["iteration"]
         history, best = checkpoint["history"], checkpoint["best"]
         _logger.info(
             "resumed from %s at epoch %d (iteration %d)", args.resume, start_epoch, iteration
         )
-    if start_epoch >= args.epochs:
-        raise ValueError(
-            f"the checkpoint already finished {start_epoch} epochs; pass --epochs above that"
-        )
+    check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
     train_model = wrap_distributed(model, dist_info)
     if dist_info.is_main:

@@ -354,6 +354,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def restore_training_state(
+    checkpoint: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: NativeScaler | None,
+) -> None:
+    """Load what every trainer's checkpoint holds: model, optimizer, scheduler, fp16 scaler."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+
+
+def check_not_finished(done: int, total: int, unit: str, flag: str) -> None:
+    """A resumed run must have steps left: ``done`` of ``total`` ``unit`` (set by ``flag``)."""
+    if done >= total:
+        raise ValueError(f"the checkpoint already finished {done} {unit}; pass {flag} above that")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -1068,19 +1089,12 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": -1}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
         if ema is not None:
             ema.module.load_state_dict(checkpoint["model_ema"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, history, best = checkpoint["epoch"], checkpoint["history"], checkpoint["best"]
         _logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
-    if start_epoch >= args.epochs:
-        raise ValueError(
-            f"the checkpoint already finished {start_epoch} epochs; pass --epochs above that"
-        )
+    check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
     train_model = wrap_distributed(model, dist_info)
     if dist_info.is_main:

@@ -47,6 +47,7 @@ from .engine import (
     amp_settings,
     autocast,
     check_finite_loss,
+    check_not_finished,
     collect_images,
     create_optimizer,
     epoch_seed,
@@ -56,6 +57,7 @@ from .engine import (
     optimizer_step,
     progress_bar,
     reduce_sum,
+    restore_training_state,
     resume_args,
     save_checkpoint,
     seed_everything,
@@ -893,21 +895,14 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
 
     iteration, history, best = 0, [], {"mIoU": -1.0, "iteration": -1}
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
         iteration, history, best = (
             checkpoint["iteration"],
             checkpoint["history"],
             checkpoint["best"],
         )
         _logger.info("resumed from %s at iteration %d", args.resume, iteration)
-    if iteration >= args.iters:
-        raise ValueError(
-            f"the checkpoint already finished {iteration} iterations; pass --iters above that"
-        )
+    check_not_finished(iteration, args.iters, "iterations", "--iters")
 
     train_loader = _loader(
         train_set,
