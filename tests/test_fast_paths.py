@@ -2,9 +2,11 @@
 
 The model runs fused products (one matrix product for every linear that reads a block's
 input), adds attention outputs straight into the LePE buffer, gathers the column-major
-sequence without copying the tokens, and chunks large global attention. The references below
-compute the same thing layer by layer, one linear at a time, as the published code does; the
-fast paths must give the same outputs, significance maps and gradients, also on padded grids.
+sequence without copying the tokens, chunks large global attention, applies GELU in place and
+runs the stem and first stage of a large CPU inference batch in groups of images. The
+references below compute the same thing layer by layer, one linear at a time, as the published
+code does; the fast paths must give the same outputs, significance maps and gradients, also on
+padded grids.
 Golden data (tests/test_golden.py) covers the published outputs themselves.
 """
 
@@ -96,7 +98,7 @@ def _mlp_reference(mlp, x, grid):
     B, N, _ = x.shape
     h = mlp.fc1(x)  # B, N, Ch
     h = h + mlp.dwconv(h.transpose(1, 2).reshape(B, -1, *grid)).flatten(2).transpose(1, 2)
-    return mlp.fc2(mlp.act(h))
+    return mlp.fc2(F.gelu(h))
 
 
 def _reference_model(model, monkeypatch):
@@ -167,6 +169,46 @@ def test_chunked_global_attention_equals_whole(model, monkeypatch) -> None:
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     for a, b in zip(chunked_parts, whole_parts, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _count_stem_calls(model, monkeypatch) -> list[int]:
+    batches = []
+    stem_forward = type(model.stem).forward
+
+    def counting(stem, x):
+        batches.append(x.shape[0])
+        return stem_forward(stem, x)
+
+    monkeypatch.setattr(type(model.stem), "forward", counting)
+    return batches
+
+
+def test_inference_in_image_groups_equals_whole_batch(model, monkeypatch) -> None:
+    x = torch.randn(7, 3, 96, 80)
+    batches = _count_stem_calls(model, monkeypatch)
+    with torch.no_grad():
+        monkeypatch.setattr(sgformer.model, "INFERENCE_CHUNK_BYTES", 2**40)
+        whole = model.forward_intermediates(x)
+        monkeypatch.setattr(sgformer.model, "INFERENCE_CHUNK_BYTES", 1)
+        grouped = model.forward_intermediates(x)
+    assert batches == [7, 3, 2, 2]  # groups of at least two images, never one
+    torch.testing.assert_close(grouped[0], whole[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(grouped[1], whole[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_image_groups_only_where_they_pay(monkeypatch) -> None:
+    with torch.device("meta"):
+        model = timm.create_model("sgformer_s").eval()
+    batch = torch.empty(16, 3, 224, 224)
+    # 16 x 3.2 MB stem maps at 224 px: four groups of four images under the 16 MiB budget.
+    with torch.no_grad():
+        assert model._inference_chunks(batch) == 4
+        assert model._inference_chunks(batch[:2]) == 1  # no one-image groups
+        assert model._inference_chunks(torch.empty(16, 3, 64, 64)) == 1  # small enough
+    assert model._inference_chunks(batch) == 1  # autograd keeps the whole batch
+    with torch.no_grad():
+        assert model._inference_chunks(batch.to("meta")) == 1  # not on accelerators
 
 
 @pytest.mark.slow

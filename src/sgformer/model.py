@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import (
+    GELU,
     DepthwiseConvMlp,
     Downsample,
     Stem,
@@ -65,6 +66,12 @@ ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the 
 # block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Exported
 # graphs (ONNX) take the unchunked path: the size test would fix their input size.
 GLOBAL_ATTENTION_CHUNK = 2**24
+# In CPU inference the stem and the first stage run on groups of images whose largest
+# activation (the stem's half-resolution maps, the first MLP's hidden layer) stays under this
+# size. glibc's malloc serves blocks over 32 MiB by a fresh mmap each time, and touching those
+# new pages cost about 1 ns per float here: a fifth of sgformer_s's batch-16 inference
+# (docs/profile.md). Each image's values are unchanged (tests/test_fast_paths.py).
+INFERENCE_CHUNK_BYTES = 16 * 2**20
 
 
 class HybridScaleAttention(nn.Module):
@@ -100,7 +107,7 @@ class HybridScaleAttention(nn.Module):
             self.q_global = nn.Linear(dim, global_dim, bias=qkv_bias, **dd)
             self.reduce = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, **dd)
             self.reduce_norm = nn.LayerNorm(dim, eps=REDUCE_NORM_EPS, **dd)
-            self.reduce_act = nn.GELU()
+            self.reduce_act = GELU()
             self.kv_global = nn.Linear(dim, 2 * global_dim, bias=qkv_bias, **dd)
         if self.local_heads:
             local_dim = self.local_heads * self.head_dim
@@ -681,10 +688,39 @@ class SGFormer(nn.Module):
         B, _, C = tokens.shape
         return tokens.transpose(1, 2).reshape(B, C, *grid)  # B, C, H/4, W/4
 
+    def _inference_chunks(self, x: torch.Tensor) -> int:
+        """How many groups of images the stem and first stage run in (see INFERENCE_CHUNK_BYTES).
+
+        One under autograd, on accelerators (their caching allocators reuse blocks), while
+        compiling or exporting (the count depends on the batch size), and for batches too small
+        to split into groups of at least two images: the kernels of a one-image group round
+        differently (measured), which would change the significance sort of nearly tied tokens.
+        """
+        if (
+            torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+        ):
+            return 1
+        B, _, H, W = x.shape
+        stem_map = self.stem.conv1.out_channels * math.ceil(H / 2) * math.ceil(W / 2)
+        first = self.stages[0].blocks[0].mlp.fc1.out_features * math.ceil(H / 4) * math.ceil(W / 4)
+        per_image = max(stem_map, first) * x.element_size()  # bytes
+        return max(1, min(B // 2, math.ceil(B * per_image / INFERENCE_CHUNK_BYTES)))
+
+    def _first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) image -> (B, C1, ceil(H/4), ceil(W/4)) first-stage output."""
+        self._check_input(x)
+        chunks = self._inference_chunks(x)
+        if chunks == 1:
+            return self.stages[0](self._embed(x))
+        return torch.cat([self.stages[0](self._embed(part)) for part in x.tensor_split(chunks)])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C4, ceil(H/32), ceil(W/32)) normed stage-4 map."""
-        x = self._embed(x)
-        for stage in self.stages:
+        x = self._first_stage(x)
+        for stage in self.stages[1:]:
             x = stage(x)
         return x
 
@@ -721,9 +757,8 @@ class SGFormer(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self._embed(x)
         for i, stage in enumerate(stages):
-            x = stage(x)
+            x = self._first_stage(x) if i == 0 else stage(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:

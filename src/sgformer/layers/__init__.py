@@ -1,7 +1,7 @@
 """Small layers and tensor helpers of SG-Former, one concept per file."""
 
 from .downsample import Downsample, Stem
-from .fused import add_into, stacked_linear
+from .fused import GELU, add_into, stacked_linear
 from .lepe import conv_on_grid, locally_enhanced
 from .mlp import DepthwiseConvMlp
 from .padding import PAD_FILL_VALUE, grid_padding, pad_grid, padding_needed, valid_mask
@@ -9,6 +9,7 @@ from .pos_embed import sincos_2d_table
 from .window import window_partition, window_reverse
 
 __all__ = [
+    "GELU",
     "PAD_FILL_VALUE",
     "DepthwiseConvMlp",
     "Downsample",

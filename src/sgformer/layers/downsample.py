@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from .fused import GELU
+
 # GroupNorm with one group normalises over (C, H, W) per sample, as the published layers do.
 GROUP_NORM_GROUPS = 1
 GROUP_NORM_EPS = 1e-5  # SPEC "Layout": GroupNorm eps
@@ -27,7 +29,7 @@ class Stem(nn.Module):
         self.norm2 = nn.GroupNorm(GROUP_NORM_GROUPS, embed_dim, eps=GROUP_NORM_EPS, **dd)
         self.conv3 = nn.Conv2d(embed_dim, embed_dim, 3, stride=2, padding=1, bias=False, **dd)
         self.norm3 = nn.GroupNorm(GROUP_NORM_GROUPS, embed_dim, eps=GROUP_NORM_EPS, **dd)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.norm = nn.LayerNorm(embed_dim, eps=STEM_LAYER_NORM_EPS, **dd)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -59,7 +61,7 @@ class Downsample(nn.Module):
         self.norm2 = nn.GroupNorm(GROUP_NORM_GROUPS, out_chs, eps=GROUP_NORM_EPS, **dd)
         self.conv3 = nn.Conv2d(out_chs, out_chs, 1, bias=False, **dd)
         self.norm3 = nn.GroupNorm(GROUP_NORM_GROUPS, out_chs, eps=GROUP_NORM_EPS, **dd)
-        self.act = nn.GELU()
+        self.act = GELU()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C_in, H, W) map -> ((B, N, C_out) tokens, (ceil(H/2), ceil(W/2)) grid)."""

@@ -37,3 +37,17 @@ def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return buffer + value
     return buffer.add_(value)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` (erf form) that overwrites its input when autograd is not recording.
+
+    Its inputs here are fresh buffers nothing else reads (a norm's or a convolution's output),
+    so in inference the activation needs no buffer of its own. The in-place kernel is the
+    same vectorised erf GELU, so the values are bit-identical.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x)

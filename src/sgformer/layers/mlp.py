@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .fused import add_into
+from .fused import GELU, add_into
 from .lepe import conv_on_grid
 
 
@@ -24,7 +24,7 @@ class DepthwiseConvMlp(nn.Module):
         self.dwconv = nn.Conv2d(
             hidden_features, hidden_features, 3, padding=1, groups=hidden_features, **dd
         )
-        self.act = nn.GELU()
+        self.act = GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, **dd)
         self.drop2 = nn.Dropout(drop)
