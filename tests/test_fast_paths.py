@@ -3,7 +3,7 @@
 The model runs fused products (one matrix product for every linear that reads a block's
 input), adds attention outputs straight into the LePE buffer, gathers the column-major
 sequence without copying the tokens, chunks large global attention, applies GELU in place and
-runs the stem and first stage of a large CPU inference batch in groups of images. The
+runs the stem and first two stages of a large CPU inference batch in groups of images. The
 references below compute the same thing layer by layer, one linear at a time, as the published
 code does; the fast paths must give the same outputs, significance maps and gradients, also on
 padded grids.
@@ -187,14 +187,16 @@ def test_inference_in_image_groups_equals_whole_batch(model, monkeypatch) -> Non
     x = torch.randn(7, 3, 96, 80)
     batches = _count_stem_calls(model, monkeypatch)
     with torch.no_grad():
-        monkeypatch.setattr(sgformer.model, "INFERENCE_CHUNK_BYTES", 2**40)
+        monkeypatch.setattr(sgformer.model, "INFERENCE_GROUP_BYTES", 2**40)
         whole = model.forward_intermediates(x)
-        monkeypatch.setattr(sgformer.model, "INFERENCE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(sgformer.model, "INFERENCE_GROUP_BYTES", 1)
         grouped = model.forward_intermediates(x)
     assert batches == [7, 3, 2, 2]  # groups of at least two images, never one
-    torch.testing.assert_close(grouped[0], whole[0], rtol=1e-6, atol=1e-6)
+    # A group computes what its images give as a batch of their own: the same values up to the
+    # rounding by which kernels already differ between batch sizes.
+    torch.testing.assert_close(grouped[0], whole[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(grouped[1], whole[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_image_groups_only_where_they_pay(monkeypatch) -> None:
@@ -203,12 +205,12 @@ def test_image_groups_only_where_they_pay(monkeypatch) -> None:
     batch = torch.empty(16, 3, 224, 224)
     # 16 x 3.2 MB stem maps at 224 px: four groups of four images under the 16 MiB budget.
     with torch.no_grad():
-        assert model._inference_chunks(batch) == 4
-        assert model._inference_chunks(batch[:2]) == 1  # no one-image groups
-        assert model._inference_chunks(torch.empty(16, 3, 64, 64)) == 1  # small enough
-    assert model._inference_chunks(batch) == 1  # autograd keeps the whole batch
+        assert model._inference_groups(batch) == 4
+        assert model._inference_groups(batch[:2]) == 1  # no one-image groups
+        assert model._inference_groups(torch.empty(16, 3, 64, 64)) == 1  # small enough
+    assert model._inference_groups(batch) == 1  # autograd keeps the whole batch
     with torch.no_grad():
-        assert model._inference_chunks(batch.to("meta")) == 1  # not on accelerators
+        assert model._inference_groups(batch.to("meta")) == 1  # not on accelerators
 
 
 @pytest.mark.slow

@@ -66,12 +66,13 @@ ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the 
 # block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Exported
 # graphs (ONNX) take the unchunked path: the size test would fix their input size.
 GLOBAL_ATTENTION_CHUNK = 2**24
-# In CPU inference the stem and the first stage run on groups of images whose largest
-# activation (the stem's half-resolution maps, the first MLP's hidden layer) stays under this
-# size. glibc's malloc serves blocks over 32 MiB by a fresh mmap each time, and touching those
-# new pages cost about 1 ns per float here: a fifth of sgformer_s's batch-16 inference
-# (docs/profile.md). Each image's values are unchanged (tests/test_fast_paths.py).
-INFERENCE_CHUNK_BYTES = 16 * 2**20
+# In CPU inference the stem and the first GROUPED_STAGES stages run on groups of images whose
+# largest activation (the stem's half-resolution maps, the first MLP's hidden layer) stays
+# under INFERENCE_GROUP_BYTES. glibc's malloc serves blocks over 32 MiB by a fresh mmap each
+# time, and touching those new pages cost about 1 ns per float here: a fifth of sgformer_s's
+# batch-16 inference time (docs/profile.md).
+INFERENCE_GROUP_BYTES = 16 * 2**20
+GROUPED_STAGES = 2
 
 
 class HybridScaleAttention(nn.Module):
@@ -688,12 +689,12 @@ class SGFormer(nn.Module):
         B, _, C = tokens.shape
         return tokens.transpose(1, 2).reshape(B, C, *grid)  # B, C, H/4, W/4
 
-    def _inference_chunks(self, x: torch.Tensor) -> int:
-        """How many groups of images the stem and first stage run in (see INFERENCE_CHUNK_BYTES).
+    def _inference_groups(self, x: torch.Tensor) -> int:
+        """How many groups of images the high-resolution stages run in (INFERENCE_GROUP_BYTES).
 
         One under autograd, on accelerators (their caching allocators reuse blocks), while
         compiling or exporting (the count depends on the batch size), and for batches too small
-        to split into groups of at least two images: the kernels of a one-image group round
+        to split into groups of at least two images: the kernels of a one-image batch round
         differently (measured), which would change the significance sort of nearly tied tokens.
         """
         if (
@@ -707,20 +708,49 @@ class SGFormer(nn.Module):
         stem_map = self.stem.conv1.out_channels * math.ceil(H / 2) * math.ceil(W / 2)
         first = self.stages[0].blocks[0].mlp.fc1.out_features * math.ceil(H / 4) * math.ceil(W / 4)
         per_image = max(stem_map, first) * x.element_size()  # bytes
-        return max(1, min(B // 2, math.ceil(B * per_image / INFERENCE_CHUNK_BYTES)))
+        return max(1, min(B // 2, math.ceil(B * per_image / INFERENCE_GROUP_BYTES)))
 
-    def _first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) image -> (B, C1, ceil(H/4), ceil(W/4)) first-stage output."""
+    def _grouped_stages(
+        self, x: torch.Tensor, count: int, keep: set[int] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """The stem and the first ``count`` stages, run in groups of images in CPU inference.
+
+        Each group's values are those its images give as a batch of their own; at 224 px, batch
+        16 and 2 threads they are bit-identical to the whole batch's (GroupNorm over a large
+        map sums in an order that depends on how the batch splits over threads, so other
+        splits may differ in the last bit, as other batch sizes do).
+
+        Args:
+            x: (B, C_in, H, W) images.
+            keep: stage indices whose outputs to return besides the last one's.
+
+        Returns:
+            {stage index: (B, C_i, H_i, W_i) output} for the kept stages and stage ``count - 1``.
+        """
         self._check_input(x)
-        chunks = self._inference_chunks(x)
-        if chunks == 1:
-            return self.stages[0](self._embed(x))
-        return torch.cat([self.stages[0](self._embed(part)) for part in x.tensor_split(chunks)])
+        wanted = {i for i in keep or () if i < count} | {count - 1}
+
+        def run(images: torch.Tensor) -> list[torch.Tensor]:
+            outs, y = [], self._embed(images)
+            for i, stage in enumerate(self.stages[:count]):
+                y = stage(y)
+                if i in wanted:
+                    outs.append(y)
+            return outs
+
+        groups = self._inference_groups(x)
+        if groups == 1:
+            outs = run(x)
+        else:
+            per_group = [run(part) for part in x.tensor_split(groups)]
+            outs = [torch.cat(o) for o in zip(*per_group, strict=True)]
+        return dict(zip(sorted(wanted), outs, strict=True))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C4, ceil(H/32), ceil(W/32)) normed stage-4 map."""
-        x = self._first_stage(x)
-        for stage in self.stages[1:]:
+        count = min(GROUPED_STAGES, len(self.stages))
+        x = self._grouped_stages(x, count)[count - 1]
+        for stage in self.stages[count:]:
             x = stage(x)
         return x
 
@@ -756,9 +786,12 @@ class SGFormer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = self._first_stage(x) if i == 0 else stage(x)
+        count = min(GROUPED_STAGES, len(stages))
+        grouped = self._grouped_stages(x, count, set(take_indices))
+        x = grouped[count - 1]
+        intermediates = [grouped[i] for i in sorted(grouped) if i in take_indices]
+        for i, stage in enumerate(stages[count:], start=count):
+            x = stage(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
