@@ -3,7 +3,8 @@
 The model runs fused products (one matrix product for every linear that reads a block's
 input), adds attention outputs straight into the LePE buffer, gathers the column-major
 sequence without copying the tokens, chunks large global attention, applies GELU in place and
-runs the stem and first two stages of a large CPU inference batch in groups of images. The
+runs the stem and first two stages of a large CPU inference batch in groups of images, and
+runs the stem channels-last under autograd. The
 references below compute the same thing layer by layer, one linear at a time, as the published
 code does; the fast paths must give the same outputs, significance maps and gradients, also on
 padded grids.
@@ -211,6 +212,19 @@ def test_image_groups_only_where_they_pay(monkeypatch) -> None:
     assert model._inference_groups(batch) == 1  # autograd keeps the whole batch
     with torch.no_grad():
         assert model._inference_groups(batch.to("meta")) == 1  # not on accelerators
+
+
+def test_training_stem_equals_inference_stem(model) -> None:
+    # Under autograd the stem runs channels-last (faster gradients), in inference as the
+    # published layers do: the same values up to rounding, and gradients still reach the input.
+    x = torch.randn(2, 3, 97, 131, requires_grad=True)
+    trained, grid = model.stem(x)
+    with torch.no_grad():
+        inferred, inferred_grid = model.stem(x)
+    assert grid == inferred_grid == (25, 33)
+    torch.testing.assert_close(trained, inferred, rtol=1e-5, atol=1e-5)
+    trained.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 @pytest.mark.slow

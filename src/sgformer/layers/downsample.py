@@ -34,6 +34,12 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C_in, H, W) image -> ((B, N, C) tokens, (ceil(H/4), ceil(W/4)) grid)."""
+        if torch.is_grad_enabled() and x.device.type == "cpu":
+            # Channels-last convolutions and their gradients are much faster on the CPU (a
+            # training step of the stem: 210 -> 155 ms at batch 8), but they round differently
+            # and the significance sort would turn that into other outputs than the published
+            # ones; so only training, whose outputs nobody compares bit by bit, uses them.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))
         x = self.norm3(self.conv3(x))  # B, C, H/4, W/4
