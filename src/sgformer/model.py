@@ -706,7 +706,8 @@ class SGFormer(nn.Module):
             return 1
         B, _, H, W = x.shape
         stem_map = self.stem.conv1.out_channels * math.ceil(H / 2) * math.ceil(W / 2)
-        first = self.stages[0].blocks[0].mlp.fc1.out_features * math.ceil(H / 4) * math.ceil(W / 4)
+        hidden = max((block.mlp.fc1.out_features for block in self.stages[0].blocks), default=0)
+        first = hidden * math.ceil(H / 4) * math.ceil(W / 4)
         per_image = max(stem_map, first) * x.element_size()  # bytes
         return max(1, min(B // 2, math.ceil(B * per_image / INFERENCE_GROUP_BYTES)))
 
