@@ -417,12 +417,18 @@ def progress_bar(total: int | None, desc: str, enabled: bool) -> tqdm:
 # Data: timm datasets, readers and transforms; corrupt files are skipped and counted.
 
 
-def find_split_dir(root: str | Path, split: str) -> Path:
-    """``ROOT/split`` (``val`` and ``validation`` stand for each other)."""
+def _split_names(root: str | Path, split: str) -> tuple[Path, tuple[str, ...]]:
+    """The data root, checked to exist, and the names ``split`` may go by in it
+    (``val`` and ``validation`` stand for each other)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory not found: {root}")
-    names = VAL_SPLIT_NAMES if split in VAL_SPLIT_NAMES else (split,)
+    return root, VAL_SPLIT_NAMES if split in VAL_SPLIT_NAMES else (split,)
+
+
+def find_split_dir(root: str | Path, split: str) -> Path:
+    """``ROOT/split`` (``val`` and ``validation`` stand for each other)."""
+    root, names = _split_names(root, split)
     for name in names:
         if (root / name).is_dir():
             return root / name
@@ -434,10 +440,7 @@ def find_split_dir(root: str | Path, split: str) -> Path:
 
 def find_split_tar(root: str | Path, split: str) -> Path:
     """``ROOT/split.tar`` (members ``<class>/<image>``) or ``ROOT/split/`` of ``<class>.tar``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data directory not found: {root}")
-    names = VAL_SPLIT_NAMES if split in VAL_SPLIT_NAMES else (split,)
+    root, names = _split_names(root, split)
     for name in names:
         if (root / f"{name}.tar").is_file():
             return root / f"{name}.tar"
