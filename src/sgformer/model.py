@@ -679,8 +679,10 @@ class SGFormer(nn.Module):
             )
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) image -> (B, C, ceil(H/4), ceil(W/4)) stem map with positions."""
-        self._check_input(x)
+        """(B, C_in, H, W) image -> (B, C, ceil(H/4), ceil(W/4)) stem map with positions.
+
+        Callers check the whole batch first (``_check_input``); groups of it need no check.
+        """
         tokens, grid = self.stem(x)  # B, N, C
         pos = resample_abs_pos_embed(
             self.pos_embed, list(grid), list(self.pos_embed_grid), num_prefix_tokens=0
@@ -830,6 +832,7 @@ class SGFormer(nn.Module):
             group size each token fell into), ``group_sizes`` and ``merged_tokens`` (per
             bucket, least significant first).
         """
+        self._check_input(x)
         x = self._embed(x)
         last = max((i for i, s in enumerate(self.stages) if s.buckets), default=-1)
         maps = []
