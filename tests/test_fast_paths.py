@@ -4,7 +4,8 @@ The model runs fused products (one matrix product for every linear that reads a 
 input), adds attention outputs straight into the LePE buffer, gathers the column-major
 sequence without copying the tokens, chunks large global attention, applies GELU in place and
 runs the stem and first two stages of a large CPU inference batch in groups of images, and
-runs the stem channels-last under autograd. The
+under autograd runs the stem channels-last and the MLP's ``h + dwconv(h)`` as one
+convolution. The
 references below compute the same thing layer by layer, one linear at a time, as the published
 code does; the fast paths must give the same outputs, significance maps and gradients, also on
 padded grids.

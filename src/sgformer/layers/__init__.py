@@ -1,7 +1,7 @@
 """Small layers and tensor helpers of SG-Former, one concept per file."""
 
 from .downsample import Downsample, Stem
-from .fused import GELU, add_into, stacked_linear
+from .fused import GELU, add_into, autograd_on_cpu, stacked_linear
 from .lepe import conv_on_grid, locally_enhanced
 from .mlp import DepthwiseConvMlp
 from .padding import PAD_FILL_VALUE, grid_padding, pad_grid, padding_needed, valid_mask
@@ -15,6 +15,7 @@ __all__ = [
     "Downsample",
     "Stem",
     "add_into",
+    "autograd_on_cpu",
     "conv_on_grid",
     "grid_padding",
     "locally_enhanced",

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .fused import GELU
+from .fused import GELU, autograd_on_cpu
 
 # GroupNorm with one group normalises over (C, H, W) per sample, as the published layers do.
 GROUP_NORM_GROUPS = 1
@@ -38,11 +38,7 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C_in, H, W) image -> ((B, N, C) tokens, (ceil(H/4), ceil(W/4)) grid)."""
-        if (
-            torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.shape[-2] * x.shape[-1] >= STEM_CHANNELS_LAST_MIN_PIXELS
-        ):
+        if autograd_on_cpu(x) and x.shape[-2] * x.shape[-1] >= STEM_CHANNELS_LAST_MIN_PIXELS:
             # Channels-last convolutions and their gradients are much faster on the CPU for
             # large maps (a training step of sgformer_s's stem at 224 px: 210 -> 155 ms at
             # batch 8), but they round differently and the significance sort would turn that

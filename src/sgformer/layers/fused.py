@@ -1,4 +1,5 @@
-"""Several linears that read the same input, run as one matrix product."""
+"""Fast forms of common operations: stacked linears, in-place sums and GELU, and when the
+training-only forms apply (``autograd_on_cpu``)."""
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,17 @@ def stacked_linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
         for layer in layers
     ]
     return F.linear(x, weight, torch.cat(biases))  # ..., sum C_out_i
+
+
+def autograd_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor in a computation autograd records (training).
+
+    Some layers then take forms that are faster forward and backward on the CPU but round
+    differently. Inference keeps the published forms: its outputs are compared with the
+    published ones, and the significance sort turns a last-bit change into another order of
+    nearly tied tokens.
+    """
+    return torch.is_grad_enabled() and x.device.type == "cpu"
 
 
 def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

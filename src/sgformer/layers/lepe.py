@@ -1,10 +1,16 @@
 """Convolutions over the token grid, and the locally-enhanced term every attention adds."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-def conv_on_grid(tokens: torch.Tensor, grid: tuple[int, int], conv: nn.Conv2d) -> torch.Tensor:
+def conv_on_grid(
+    tokens: torch.Tensor,
+    grid: tuple[int, int],
+    conv: nn.Conv2d,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run ``conv`` on tokens laid out as their (H, W) grid.
 
     Contiguous (B, N, C) tokens are already a channels-last (B, C, H, W) map, so no copy is
@@ -13,13 +19,20 @@ def conv_on_grid(tokens: torch.Tensor, grid: tuple[int, int], conv: nn.Conv2d) -
 
     Args:
         tokens: (B, N, C), N = H * W.
+        weight: used in place of ``conv.weight`` (same shape) when given.
 
     Returns:
         (B, N, C_out), contiguous.
     """
     B, N, C = tokens.shape
     spatial = tokens.contiguous().transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
-    return conv(spatial).flatten(2).transpose(1, 2)  # B, N, C_out
+    if weight is None:
+        out = conv(spatial)  # B, C_out, H, W
+    else:
+        out = F.conv2d(
+            spatial, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+    return out.flatten(2).transpose(1, 2)  # B, N, C_out
 
 
 def locally_enhanced(
