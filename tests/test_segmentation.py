@@ -16,7 +16,7 @@ import sgformer
 from sgformer import segmentation as seg
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
-from sgformer.engine import Distributed
+from sgformer.engine import Distributed, load_backbone_weights
 
 CPU = Distributed(0, 1, 0, torch.device("cpu"))
 IMG = 64
@@ -300,7 +300,7 @@ def test_backbone_checkpoint_loads_into_the_encoder(tmp_path):
     for name, content in (("bare", {"state_dict": classifier.state_dict()}), ("ours", ours)):
         torch.save(content, tmp_path / f"{name}.pth")
         model = seg.build_segmentation_model("sgformer_nano", "upernet", 3, decoder_channels=32)
-        seg.load_backbone_weights(model, tmp_path / f"{name}.pth")
+        load_backbone_weights(model.backbone, tmp_path / f"{name}.pth")
         loaded = model.backbone.state_dict()
         for key, value in classifier.state_dict().items():
             if not key.startswith("head."):
@@ -308,7 +308,11 @@ def test_backbone_checkpoint_loads_into_the_encoder(tmp_path):
     broken = {k: v for k, v in classifier.state_dict().items() if "stages.3" not in k}
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing .*stages.3"):
-        seg.load_backbone_weights(model, tmp_path / "broken.pth")
+        load_backbone_weights(model.backbone, tmp_path / "broken.pth")
+    segmenter = {"model": model.state_dict(), "model_name": "sgformer_nano", "task": "segmentation"}
+    torch.save(segmenter, tmp_path / "segmenter.pth")
+    with pytest.raises(ValueError, match="is a segmentation checkpoint, not classification"):
+        load_backbone_weights(model.backbone, tmp_path / "segmenter.pth")
 
 
 def test_lr_schedule_warms_up_then_decays_linearly():

@@ -39,7 +39,6 @@ from .coco import (
     evaluate_coco,
     to_coco_results,
 )
-from .convert import read_checkpoint
 from .engine import (
     LAST_CHECKPOINT,
     Distributed,
@@ -50,6 +49,7 @@ from .engine import (
     check_not_finished,
     collect_images,
     epoch_seed,
+    load_backbone_weights,
     load_checkpoint,
     make_sampler,
     make_scaler,
@@ -65,7 +65,7 @@ from .engine import (
     wrap_distributed,
     write_args,
 )
-from .model import checkpoint_filter_fn, create_model
+from .model import create_model
 
 _logger = logging.getLogger(__name__)
 
@@ -277,25 +277,6 @@ class SGFormerFPN(nn.Module):
         return self.fpn(OrderedDict(zip(FPN_LEVELS, features, strict=True)))
 
 
-def load_backbone_weights(backbone: SGFormerFPN, path: str | Path) -> None:
-    """Published, bare or our classification weights into the detector's SG-Former; the
-    classifier is dropped and ``pos_embed`` resampled (``checkpoint_filter_fn``)."""
-    checkpoint = read_checkpoint(path)
-    if "model_name" in checkpoint:
-        if checkpoint.get("task") == TASK:
-            raise ValueError(f"{path} is a detection checkpoint; use --resume or --checkpoint")
-        checkpoint = checkpoint["model"]
-    state = checkpoint_filter_fn(checkpoint, backbone.trunk)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = backbone.trunk.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit the backbone: missing {result.missing_keys[:8]}, unexpected "
-            f"{result.unexpected_keys[:8]}; pass classification weights of the same --model"
-        )
-    _logger.info("backbone weights from %s", path)
-
-
 def build_detector(
     model_name: str,
     num_classes: int,
@@ -339,7 +320,7 @@ def build_detector(
         )
     backbone = SGFormerFPN(model_name, out_channels, frozen_stages, drop_path)
     if backbone_checkpoint is not None:
-        load_backbone_weights(backbone, backbone_checkpoint)
+        load_backbone_weights(backbone.trunk, backbone_checkpoint)
     anchors = AnchorGenerator(
         tuple((int(s),) for s in anchor_sizes), (ANCHOR_RATIOS,) * len(anchor_sizes)
     )

@@ -671,15 +671,18 @@ def model_kwargs_for(name: str, num_classes: int, img_size: int | None, drop_pat
     return kwargs
 
 
+def _weights_in(checkpoint: dict[str, Any], path: str | Path, use_ema: bool = False) -> dict:
+    """The state dict a published file, bare state dict or our training checkpoint holds."""
+    if "model_name" not in checkpoint:
+        return checkpoint
+    if use_ema and checkpoint.get("model_ema") is None:
+        raise ValueError(f"{path} has no EMA weights (trained without --model-ema)")
+    return checkpoint["model_ema"] if use_ema else checkpoint["model"]
+
+
 def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> None:
     """Load a published file, bare state dict, or our training checkpoint into ``model``."""
-    checkpoint = read_checkpoint(path)
-    if "model_name" in checkpoint:  # ours
-        if use_ema and checkpoint.get("model_ema") is None:
-            raise ValueError(f"{path} has no EMA weights (trained without --model-ema)")
-        state = checkpoint["model_ema"] if use_ema else checkpoint["model"]
-    else:
-        state = checkpoint
+    state = _weights_in(read_checkpoint(path), path, use_ema)
     if hasattr(model, "pos_embed_grid") or "stem.conv1.weight" in model.state_dict():
         state = checkpoint_filter_fn(state, model)
     result = model.load_state_dict(state, strict=False)
@@ -689,6 +692,33 @@ def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> N
             f"{path} does not fit {type(model).__name__}: missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Classification weights (published, bare or ours) into the SG-Former of a dense model.
+
+    The classifier is dropped and ``pos_embed`` resampled (``checkpoint_filter_fn``); every
+    other tensor must fit, else ``ValueError`` names what is missing or left over. Detection
+    and segmentation checkpoints are refused: they resume with ``--resume``/``--checkpoint``.
+    ``load_weights`` does not serve here: a feature backbone has no head to leave unfilled.
+    """
+    checkpoint = read_checkpoint(path)
+    task = checkpoint.get("task")
+    if task is not None:
+        raise ValueError(
+            f"{path} is a {task} checkpoint, not classification weights; use --resume or "
+            "--checkpoint for it, --backbone-checkpoint for a classifier's"
+        )
+    state = checkpoint_filter_fn(_weights_in(checkpoint, path), backbone)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit the {type(backbone).__name__} backbone: missing "
+            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}; pass the "
+            "classification checkpoint of the same --model"
+        )
+    _logger.info("backbone weights loaded from %s", path)
 
 
 def model_from_checkpoint(
@@ -704,9 +734,7 @@ def model_from_checkpoint(
                 f"{path} is a checkpoint of {name}, not {model_name}; pass --model {name}"
             )
         model = create_model(name, **checkpoint["model_kwargs"])
-        if use_ema and checkpoint.get("model_ema") is None:
-            raise ValueError(f"{path} has no EMA weights (trained without --model-ema)")
-        model.load_state_dict(checkpoint["model_ema"] if use_ema else checkpoint["model"])
+        model.load_state_dict(_weights_in(checkpoint, path, use_ema))
         info = {
             "model_name": name,
             "class_names": checkpoint.get("class_names") or [],

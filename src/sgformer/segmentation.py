@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from .convert import read_checkpoint
 from .engine import (
     BEST_CHECKPOINT,
     IMAGE_EXTENSIONS,
@@ -51,6 +50,7 @@ from .engine import (
     collect_images,
     create_optimizer,
     epoch_seed,
+    load_backbone_weights,
     load_checkpoint,
     make_sampler,
     make_scaler,
@@ -65,7 +65,6 @@ from .engine import (
     wrap_distributed,
     write_args,
 )
-from .model import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
 
@@ -358,28 +357,6 @@ def build_segmentation_model(
     if aux_head:
         head = FCNHead(net.encoder.out_channels[1 + AUX_STAGE], num_classes)
     return SegmentationModel(net, head)
-
-
-def load_backbone_weights(model: SegmentationModel, path: str | Path) -> None:
-    """Load a classification checkpoint (published, bare or ours) into the encoder's SG-Former.
-
-    The classifier head is dropped; every other backbone tensor must fit (strict), else
-    ``ValueError`` names what is missing or left over. ``engine.load_weights`` cannot be used
-    as is: the feature getter has pruned the head it expects to find.
-    """
-    checkpoint = read_checkpoint(path)
-    state = checkpoint.get("model", checkpoint) if "model_name" in checkpoint else checkpoint
-    backbone = model.backbone
-    state = checkpoint_filter_fn(state, backbone)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = backbone.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit the {type(backbone).__name__} backbone: missing "
-            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}; pass the "
-            "classification checkpoint of the same --model"
-        )
-    _logger.info("backbone weights loaded from %s", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -879,7 +856,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
     }
     model = build_segmentation_model(args.model, **model_kwargs)
     if args.backbone_checkpoint and checkpoint is None:
-        load_backbone_weights(model, args.backbone_checkpoint)
+        load_backbone_weights(model.backbone, args.backbone_checkpoint)
     if dist_info.enabled and dist_info.device.type == "cuda":
         # Batch 2 per GPU: the heads' BatchNorm sees all ranks' samples (mmseg's SyncBN).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1024,6 +1001,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "iteration": iteration,
+                "task": "segmentation",
                 "model_name": args.model,
                 "model_kwargs": model_kwargs,
                 "class_names": class_names,
