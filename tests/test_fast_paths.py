@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 
 import sgformer.model
-from sgformer.layers import grid_padding, pad_grid, valid_mask, window_partition, window_reverse
+from sgformer.layers import (
+    grid_map,
+    grid_padding,
+    pad_grid,
+    valid_mask,
+    window_partition,
+    window_reverse,
+)
 from sgformer.model import GlobalAttention, HybridScaleAttention, SelfGuidedAttention
 from sgformer.reallocation import key_importance, reallocate_tokens
 
@@ -234,3 +241,15 @@ def test_compiled_model_matches_eager_without_graph_breaks(model) -> None:
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grid_map_is_a_channels_last_view_convolutions_keep(batch) -> None:
+    # A one-image batch too: with the batch stride C that transpose + reshape gives it, the
+    # convolution copied the map to NCHW and returned NCHW, and every later step copied again.
+    tokens = torch.randn(batch, 5 * 7, 6)
+    spatial = grid_map(tokens, (5, 7))
+    assert spatial.data_ptr() == tokens.data_ptr()
+    torch.testing.assert_close(spatial, tokens.transpose(1, 2).reshape(batch, 6, 5, 7))
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    assert conv(spatial).is_contiguous(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ from .layers import (
     Stem,
     add_into,
     conv_on_grid,
+    grid_map,
     grid_padding,
     pad_grid,
     padding_needed,
@@ -147,7 +148,7 @@ class HybridScaleAttention(nn.Module):
         sr, heads, d = self.sr_ratio, self.global_heads, self.head_dim
         q = q.reshape(B, N, heads, d).transpose(1, 2)  # B, hg, N, d
         padding = grid_padding(H, W, sr)
-        spatial = x.transpose(1, 2).reshape(B, C, H, W)  # B, C, H, W
+        spatial = grid_map(x, grid)  # B, C, H, W
         if padding_needed(padding):
             # Zeros beyond the border, as a convolution's own padding: a border cell of the
             # reduced grid then sums only real positions. Every reduced cell holds a real one.
@@ -488,9 +489,7 @@ class SGFormerStage(nn.Module):
                 significance = combine_significance(*parts, self.significance)
                 if collect:
                     measured.append((parts, significance))
-        x = self.norm(x)
-        B, _, C = x.shape
-        return x.transpose(1, 2).reshape(B, C, *grid), measured  # B, C, H, W
+        return grid_map(self.norm(x), grid), measured  # B, C, H, W
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C, H', W'), H' = ceil(H / 2) after downsampling."""
@@ -687,9 +686,7 @@ class SGFormer(nn.Module):
         pos = resample_abs_pos_embed(
             self.pos_embed, list(grid), list(self.pos_embed_grid), num_prefix_tokens=0
         )
-        tokens = tokens + pos
-        B, _, C = tokens.shape
-        return tokens.transpose(1, 2).reshape(B, C, *grid)  # B, C, H/4, W/4
+        return grid_map(tokens + pos, grid)  # B, C, H/4, W/4
 
     def _inference_groups(self, x: torch.Tensor) -> int:
         """How many groups of images the high-resolution stages run in (INFERENCE_GROUP_BYTES).

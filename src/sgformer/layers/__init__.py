@@ -2,7 +2,7 @@
 
 from .downsample import Downsample, Stem
 from .fused import GELU, add_into, autograd_on_cpu, stacked_linear
-from .lepe import conv_on_grid, locally_enhanced
+from .lepe import conv_on_grid, grid_map, locally_enhanced
 from .mlp import DepthwiseConvMlp
 from .padding import PAD_FILL_VALUE, grid_padding, pad_grid, padding_needed, valid_mask
 from .pos_embed import sincos_2d_table
@@ -17,6 +17,7 @@ __all__ = [
     "add_into",
     "autograd_on_cpu",
     "conv_on_grid",
+    "grid_map",
     "grid_padding",
     "locally_enhanced",
     "pad_grid",
