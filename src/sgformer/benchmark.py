@@ -173,7 +173,7 @@ def _make_step(
     amp: str | None,
 ) -> Callable[[], None]:
     """One timed unit: an inference forward, or a training step (forward, loss, backward,
-    AdamW update)."""
+    fused AdamW update)."""
     device = x.device
     autocast = partial(
         torch.autocast, device_type=device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None
@@ -189,7 +189,9 @@ def _make_step(
 
     num_classes = getattr(model, "num_classes", 1000) or 1000
     target = torch.randint(0, num_classes, (x.shape[0],), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    # The fused kernel, as `sgformer train` uses (engine.create_optimizer): the per-tensor loop
+    # of the default AdamW costs sgformer_s's 669 tensors 78 ms a step on this CPU, fused 19.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 
     def train() -> None:
         with autocast():
