@@ -51,7 +51,6 @@ from .engine import (
     epoch_seed,
     load_backbone_weights,
     load_checkpoint,
-    make_sampler,
     make_scaler,
     optimizer_step,
     progress_bar,
@@ -61,6 +60,7 @@ from .engine import (
     save_checkpoint,
     seed_everything,
     setup_distributed,
+    sharded_loader,
     unwrap_model,
     wrap_distributed,
     write_args,
@@ -446,26 +446,6 @@ def shapes_paths() -> dict[str, str]:
     }
 
 
-def make_detection_loader(
-    dataset: CocoInstances,
-    *,
-    batch_size: int,
-    workers: int,
-    dist_info: Distributed,
-    is_training: bool,
-    seed: int,
-) -> DataLoader:
-    """Shuffled ``DistributedSampler`` batches for training, in-order shards for evaluation."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=make_sampler(dataset, dist_info, is_training, seed, drop_last=False),
-        num_workers=workers,
-        collate_fn=collate_detection,
-        pin_memory=dist_info.device.type == "cuda",
-    )
-
-
 def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
@@ -686,21 +666,25 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
         **model_kwargs,
     )
     model.to(dist_info.device)
-    train_loader = make_detection_loader(
+    train_loader = sharded_loader(
         train_set,
         batch_size=args.batch_size,
         workers=args.workers,
         dist_info=dist_info,
         is_training=True,
         seed=args.seed,
+        collate_fn=collate_detection,
+        drop_last=False,
     )
-    val_loader = make_detection_loader(
+    val_loader = sharded_loader(
         val_set,
         batch_size=args.batch_size,
         workers=args.workers,
         dist_info=dist_info,
         is_training=False,
         seed=args.seed,
+        collate_fn=collate_detection,
+        drop_last=False,
     )
     optimizer = torch.optim.AdamW(
         param_groups(model, args.lr, args.weight_decay, args.backbone_lr_mult),
@@ -879,13 +863,15 @@ def evaluate_checkpoint(
             f"{ann_file} has category ids {dataset.category_ids}, the checkpoint was trained on "
             f"{info['category_ids']}"
         )
-    loader = make_detection_loader(
+    loader = sharded_loader(
         dataset,
         batch_size=batch_size,
         workers=workers,
         dist_info=dist_info,
         is_training=False,
         seed=0,
+        collate_fn=collate_detection,
+        drop_last=False,
     )
     metrics, results = evaluate(model, loader, dataset, mask=mask, dist_info=dist_info)
     metrics = {"checkpoint": str(checkpoint), "ann_file": str(ann_file), **metrics}

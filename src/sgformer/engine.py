@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -584,6 +584,35 @@ def make_sampler(
     return ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
 
 
+def sharded_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    workers: int,
+    dist_info: Distributed,
+    is_training: bool,
+    seed: int,
+    collate_fn: Callable[[list[Any]], Any],
+    drop_last: bool = True,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """This rank's batches of a map-style dataset (``make_sampler``); every task's loader.
+
+    ``drop_last`` drops the incomplete last batch of training (and the sampler's uneven tail
+    over ranks); evaluation always sees every item once.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=make_sampler(dataset, dist_info, is_training, seed, drop_last=drop_last),
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=is_training and drop_last,
+        pin_memory=dist_info.device.type == "cuda",
+        persistent_workers=persistent_workers and workers > 0,
+    )
+
+
 def make_loader(
     dataset: Dataset,
     transform: Any,
@@ -594,21 +623,19 @@ def make_loader(
     is_training: bool,
     seed: int,
 ) -> DataLoader:
-    """A DataLoader that shards over ranks: shuffled ``DistributedSampler`` (also for one rank,
-    so one process and many see the same permutation) for training, in-order shards for eval."""
-    if isinstance(dataset, IterableDataset):  # wds/hfids readers shard and shuffle themselves
-        dataset.transform = transform
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    """Classification batches: unreadable images skipped and counted; the last incomplete
+    training batch dropped (Mixup/CutMix pair samples within a batch)."""
     dataset.transform = transform
-    wrapped = SkipUnreadable(dataset)
-    return DataLoader(
-        wrapped,
+    if isinstance(dataset, IterableDataset):  # wds/hfids readers shard and shuffle themselves
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    return sharded_loader(
+        SkipUnreadable(dataset),
         batch_size=batch_size,
-        sampler=make_sampler(wrapped, dist_info, is_training, seed),
-        num_workers=workers,
+        workers=workers,
+        dist_info=dist_info,
+        is_training=is_training,
+        seed=seed,
         collate_fn=collate_skipping,
-        drop_last=is_training,  # Mixup/CutMix pair samples within a batch
-        pin_memory=dist_info.device.type == "cuda",
     )
 
 

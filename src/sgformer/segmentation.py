@@ -52,7 +52,6 @@ from .engine import (
     epoch_seed,
     load_backbone_weights,
     load_checkpoint,
-    make_sampler,
     make_scaler,
     optimizer_step,
     progress_bar,
@@ -62,6 +61,7 @@ from .engine import (
     save_checkpoint,
     seed_everything,
     setup_distributed,
+    sharded_loader,
     wrap_distributed,
     write_args,
 )
@@ -765,27 +765,6 @@ def _data_setup(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
     return Path(summary["dense"]), ["background", *summary["classes"]]
 
 
-def _loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    workers: int,
-    dist_info: Distributed,
-    training: bool,
-    seed: int,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=make_sampler(dataset, dist_info, training, seed),
-        num_workers=workers,
-        collate_fn=collate_samples,
-        drop_last=training,
-        pin_memory=dist_info.device.type == "cuda",
-        persistent_workers=training and workers > 0,
-    )
-
-
 def _endless(loader: DataLoader, first_pass: int) -> Iterator[Batch]:
     """Batches forever: every pass over the data reshuffles (``set_epoch``)."""
     pass_index = first_pass
@@ -881,16 +860,24 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         _logger.info("resumed from %s at iteration %d", args.resume, iteration)
     check_not_finished(iteration, args.iters, "iterations", "--iters")
 
-    train_loader = _loader(
+    train_loader = sharded_loader(
         train_set,
         batch_size=args.batch_size,
         workers=args.workers,
         dist_info=dist_info,
-        training=True,
+        is_training=True,
         seed=args.seed,
+        collate_fn=collate_samples,
+        persistent_workers=True,  # the iteration loop passes over the data many times
     )
-    val_loader = _loader(
-        val_set, batch_size=1, workers=args.workers, dist_info=dist_info, training=False, seed=0
+    val_loader = sharded_loader(
+        val_set,
+        batch_size=1,
+        workers=args.workers,
+        dist_info=dist_info,
+        is_training=False,
+        seed=0,
+        collate_fn=collate_samples,
     )
     train_model = wrap_distributed(model, dist_info)
     if dist_info.is_main:
@@ -1128,8 +1115,14 @@ def validate_segmentation(
         ignore_index=args["ignore_index"],
         reduce_zero_label=args["reduce_zero_label"],
     )
-    loader = _loader(
-        dataset, batch_size=1, workers=workers, dist_info=dist_info, training=False, seed=0
+    loader = sharded_loader(
+        dataset,
+        batch_size=1,
+        workers=workers,
+        dist_info=dist_info,
+        is_training=False,
+        seed=0,
+        collate_fn=collate_samples,
     )
     options = _test_options(args, mode, crop_size, stride, ms, flip)
     metrics = evaluate(
