@@ -8,6 +8,8 @@ import sys
 
 import sgformer  # noqa: F401  (registers the models with timm)
 
+DEVICE_HELP = "cpu or cuda (default: cuda when available)"  # every command that runs a model
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .summary import model_summary
@@ -168,7 +170,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--seed", type=int, help="random seed (default 42)")
     add("--output", help="run folder for checkpoints, summary.csv, args.yaml, curves.png")
     add("--log-interval", type=int, help="steps between log lines without a terminal")
-    add("--device", help="cpu or cuda (default: cuda when available)")
+    add("--device", help=DEVICE_HELP)
     train.set_defaults(run=_train)
 
 
@@ -184,7 +186,7 @@ def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     validate.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
     validate.add_argument("-b", "--batch-size", type=int, default=64)
     validate.add_argument("--workers", type=int, default=2)
-    validate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    validate.add_argument("--device", help=DEVICE_HELP)
     validate.add_argument("--results-file", help="write the metrics to this JSON file")
     validate.set_defaults(run=_validate)
 
@@ -195,7 +197,7 @@ def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--img-size", type=int, help="eval image size (default: the model's)")
     predict.add_argument("--use-ema", action="store_true", help="use the EMA weights")
-    predict.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    predict.add_argument("--device", help=DEVICE_HELP)
     predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
     predict.set_defaults(run=_predict)
 
@@ -323,7 +325,7 @@ def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
     add("--log-interval", type=int, help="steps between log lines without a terminal")
     add("--eval-interval", type=int, help="epochs between COCO evaluations (default 1)")
     add("--time-limit", type=float, help="stop training after this many minutes, then evaluate")
-    add("--device", help="cpu or cuda (default: cuda when available)")
+    add("--device", help=DEVICE_HELP)
     train.set_defaults(run=_detect_train)
 
     val = tasks.add_parser("val", help="COCO box and mask AP of a checkpoint")
@@ -332,7 +334,7 @@ def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
     val.add_argument("--ann-file", help="COCO instances JSON of those images")
     val.add_argument("-b", "--batch-size", type=int, default=2)
     val.add_argument("--workers", type=int, default=2)
-    val.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    val.add_argument("--device", help=DEVICE_HELP)
     val.add_argument("--results-file", help="write bbox_AP, bbox_AP50, ..., segm_* as JSON")
     val.add_argument("--predictions-file", help="write the detections as COCO results JSON")
     val.set_defaults(run=_detect_val)
@@ -342,7 +344,7 @@ def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--checkpoint", required=True, help="detect train checkpoint or folder")
     predict.add_argument("--output", default="detections", help="output folder")
     predict.add_argument("--score-threshold", type=float, default=0.5, help="drawn if above")
-    predict.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    predict.add_argument("--device", help=DEVICE_HELP)
     predict.set_defaults(run=_detect_predict)
 
 
@@ -457,7 +459,7 @@ def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
     add("--seed", type=int, help="random seed (default 0)")
     add("--output", help="run folder for checkpoints, summary.csv, args.yaml")
     add("--log-interval", type=int, help="iterations between log lines without a terminal")
-    add("--device", help="cpu or cuda (default: cuda when available)")
+    add("--device", help=DEVICE_HELP)
     train.set_defaults(run=_segment_train)
 
     def add_test_flags(parser: argparse.ArgumentParser) -> None:
@@ -471,7 +473,7 @@ def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "--flip", action=argparse.BooleanOptionalAction, help="flip test (default: with --ms)"
         )
-        parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        parser.add_argument("--device", help=DEVICE_HELP)
 
     val = actions.add_parser("val", help="mIoU, aAcc and per-class IoU of a checkpoint")
     add_test_flags(val)
