@@ -6,8 +6,8 @@ from torch import nn
 
 
 def grid_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, C) tokens of an (H, W) grid as a (B, C, H, W) map: a channels-last view of
-    contiguous tokens (other tokens are copied).
+    """(B, N, C) tokens of an (H, W) grid as a (B, C, H, W) map: a channels-last view
+    wherever the N axis splits into (H, W) without a copy (contiguous tokens, a channel slice).
 
     The batch axis keeps its stride N * C also for a batch of one, where
     ``transpose(1, 2).reshape`` would give it a stride of C: convolutions then do not recognise
@@ -37,7 +37,7 @@ def conv_on_grid(
     Returns:
         (B, N, C_out), contiguous.
     """
-    spatial = grid_map(tokens, grid)  # B, C, H, W
+    spatial = grid_map(tokens.contiguous(), grid)  # B, C, H, W
     if weight is None:
         out = conv(spatial)  # B, C_out, H, W
     else:
