@@ -243,6 +243,22 @@ def test_compiled_model_matches_eager_without_graph_breaks(model) -> None:
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_dynamic_compile_serves_other_sizes_without_recompiling(model) -> None:
+    # The layers take branch-free forms while traced (sizes_are_symbolic), so one graph serves
+    # every image size: padded or not, the position table at its own grid or resampled, the
+    # last merged run full or short. aot_eager traces as inductor does (dynamo, then AOT
+    # autograd with symbolic sizes) without its code generation, which takes minutes here.
+    # The first size is not square: otherwise torch assumes H == W (duck sizing) and
+    # recompiles at the first non-square input, whatever the model does.
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for i, size in enumerate([(160, 128), (224, 224), (264, 200)]):
+            x = torch.randn(2 + i % 2, 3, *size)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_grid_map_is_a_channels_last_view_convolutions_keep(batch) -> None:
     # A one-image batch too: with the batch stride C that transpose + reshape gives it, the

@@ -6,7 +6,7 @@ import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-import sgformer  # noqa: F401
+import sgformer.reallocation
 from sgformer.model import HybridScaleAttention, SelfGuidedAttention
 from sgformer.reallocation import (
     REALLOCATION_BUCKETS,
@@ -36,7 +36,14 @@ def test_bucket_bounds_cover_every_token_once() -> None:
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
 
-def test_merge_runs_full_and_partial_runs() -> None:
+@pytest.fixture(params=[False, True], ids=["eager", "traced"])
+def traced_forms(request, monkeypatch) -> bool:
+    """Run a test with the eager forms, and with the branch-free forms traced graphs take."""
+    monkeypatch.setattr(sgformer.reallocation, "sizes_are_symbolic", lambda: request.param)
+    return request.param
+
+
+def test_merge_runs_full_and_partial_runs(traced_forms) -> None:
     tokens = torch.arange(7.0).reshape(1, 7, 1)  # two runs of 3, then a run of 1
     weight, bias = torch.tensor([[1.0, 10.0, 100.0]]), torch.tensor([0.5])
     merged = merge_runs(tokens, weight, bias)
@@ -48,6 +55,21 @@ def test_merge_runs_full_and_partial_runs() -> None:
     torch.testing.assert_close(
         merge_runs(same, weight, bias), merge_runs(torch.full((1, 3, 1), 3.0), weight, bias)
     )
+
+
+@pytest.mark.parametrize("group", [1, 2, 7, 49])
+def test_branch_free_merge_equals_the_branching_one(group, monkeypatch) -> None:
+    # Traced graphs pad a bucket to whole runs and weight the last run's missing slots by
+    # zero; every bucket length, full runs only or a short last run, merges as in eager mode.
+    weight, bias = torch.randn(1, group), torch.randn(1)
+    for length in sorted({1, max(group - 1, 1), group, group + 1, 3 * group + 2}):
+        tokens = torch.randn(2, length, 5)
+        eager = merge_runs(tokens, weight, bias)
+        monkeypatch.setattr(sgformer.reallocation, "sizes_are_symbolic", lambda: True)
+        traced = merge_runs(tokens, weight, bias)
+        monkeypatch.undo()
+        assert traced.shape == eager.shape == (2, -(-length // group), 5)
+        torch.testing.assert_close(traced, eager)
 
 
 def test_reallocation_sorts_ascending_and_merges_consecutive_runs() -> None:

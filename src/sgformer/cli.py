@@ -566,7 +566,8 @@ def _add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--dynamic",
         action="store_true",
-        help="dynamic height and width: not supported yet, refused with the reason",
+        help="dynamic height and width (128-4096 px; onnx and exported-program): one graph "
+        "for every size, checked at two",
     )
     export.set_defaults(run=_export)
 

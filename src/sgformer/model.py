@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -32,11 +32,14 @@ from .layers import (
     Stem,
     add_into,
     conv_on_grid,
+    crop_grid,
     grid_map,
     grid_padding,
     pad_grid,
     padding_needed,
+    resample_position_table,
     sincos_2d_table,
+    sizes_are_symbolic,
     stacked_linear,
     valid_mask,
     window_partition,
@@ -64,8 +67,8 @@ REDUCE_NORM_EPS = 1e-5  # SPEC "Hybrid-scale attention": LayerNorm after the k=s
 MIN_INPUT_SIZE = 32  # one token at stride 32
 ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the first block
 # Largest (heads, queries, keys) score block per image that the global half of a hybrid-scale
-# block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Exported
-# graphs (ONNX) take the unchunked path: the size test would fix their input size.
+# block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Traced
+# graphs (compiled, exported) take the unchunked path: the size test would fix their size.
 GLOBAL_ATTENTION_CHUNK = 2**24
 # In CPU inference the stem and the first GROUPED_STAGES stages run on groups of images whose
 # largest activation (the stem's half-resolution maps, the first MLP's hidden layer) stays
@@ -161,7 +164,7 @@ class HybridScaleAttention(nn.Module):
         M = k.shape[2]
         # The (B, hg, N, M) probabilities are needed for the significance map, so no fused
         # kernel; past a size, queries go in chunks and only per-key sums are kept.
-        if heads * N * M <= GLOBAL_ATTENTION_CHUNK or torch.compiler.is_exporting():
+        if sizes_are_symbolic() or heads * N * M <= GLOBAL_ATTENTION_CHUNK:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, N, M
             received = key_importance(attn)  # B, M
             out = (self.attn_drop(attn) @ v).transpose(1, 2)  # B, N, hg, d
@@ -178,7 +181,7 @@ class HybridScaleAttention(nn.Module):
         received = received.reshape(B, Hr, Wr)  # B, Hr, Wr
         # Nearest-neighbour upsampling by sr, then drop the padded rows and columns.
         received = received.repeat_interleave(sr, dim=1).repeat_interleave(sr, dim=2)
-        return out, received[:, :H, :W].reshape(B, N)  # B, N
+        return out, crop_grid(received, H, W).reshape(B, N)  # B, N
 
     def _local(self, qkv: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Local heads within windows.
@@ -211,7 +214,7 @@ class HybridScaleAttention(nn.Module):
         attn = attn.softmax(dim=-1)
         received = key_importance(attn, query_mask)  # B*nW, w*w
         received = window_reverse(received.unsqueeze(-1), w, Hp, Wp)  # B, Hp, Wp, 1
-        received = received[:, :H, :W].reshape(B, N)  # B, N
+        received = crop_grid(received, H, W).reshape(B, N)  # B, N
         nh, nw = Hp // w, Wp // w
         out = self.attn_drop(attn) @ v  # B*nW, hl, w*w, d
         # Windows back onto the grid as a view: the caller adds it without an extra copy.
@@ -239,8 +242,8 @@ class HybridScaleAttention(nn.Module):
         if self.local_heads:
             out, local_part = self._local(qkv_local, grid)  # B, nh, w, nw, w, hl, d
             _, nh, w, nw, *_ = out.shape
-            if nh * w != H or nw * w != W:  # padded: merge the window axes, crop
-                out = out.reshape(B, nh * w, nw * w, -1)[:, :H, :W]  # B, H, W, hl*d
+            if padding_needed((nh * w - H, nw * w - W)):  # merge the window axes, crop
+                out = crop_grid(out.reshape(B, nh * w, nw * w, -1), H, W)  # B, H, W, hl*d
             outs.append(out)
             widths.append(C - global_dim)
         if torch.is_grad_enabled():
@@ -683,9 +686,9 @@ class SGFormer(nn.Module):
         Callers check the whole batch first (``_check_input``); groups of it need no check.
         """
         tokens, grid = self.stem(x)  # B, N, C
-        pos = resample_abs_pos_embed(
-            self.pos_embed, list(grid), list(self.pos_embed_grid), num_prefix_tokens=0
-        )
+        pos = self.pos_embed  # 1, N, C
+        if sizes_are_symbolic() or grid != self.pos_embed_grid:
+            pos = resample_position_table(pos, grid, self.pos_embed_grid)
         return grid_map(tokens + pos, grid)  # B, C, H/4, W/4
 
     def _inference_groups(self, x: torch.Tensor) -> int:
@@ -696,12 +699,7 @@ class SGFormer(nn.Module):
         to split into groups of at least two images: the kernels of a one-image batch round
         differently (measured), which would change the significance sort of nearly tied tokens.
         """
-        if (
-            torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-        ):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or sizes_are_symbolic():
             return 1
         B, _, H, W = x.shape
         stem_map = self.stem.conv1.out_channels * math.ceil(H / 2) * math.ceil(W / 2)
@@ -992,8 +990,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: SGFormer) -> dict[st
                     f"pos_embed has {pos.shape[1]} positions, not a square grid; build the model "
                     "with the img_size it was trained at"
                 )
-            state_dict["pos_embed"] = resample_abs_pos_embed(
-                pos, list(model.pos_embed_grid), [side, side], num_prefix_tokens=0
+            state_dict["pos_embed"] = resample_position_table(
+                pos, model.pos_embed_grid, (side, side)
             )
 
     for name in ("head.weight", "head.bias"):

@@ -8,6 +8,9 @@ and finely where it is high. Everything here is a pure function of tensors.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from .layers import sizes_are_symbolic
 
 SIGNIFICANCE_SOURCES = ("hybrid", "local", "global", "uniform")
 
@@ -123,6 +126,8 @@ def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     B, L, C = tokens.shape
     g = weight.shape[-1]
     w = weight.reshape(g)
+    if sizes_are_symbolic():
+        return _merge_runs_branch_free(tokens, w, bias)
     full = L // g
     merged = []
     if full:
@@ -134,6 +139,32 @@ def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
         tail_weight = w[:rest] + w[rest:].sum() / rest  # r
         merged.append((torch.einsum("brc,r->bc", tail, tail_weight) + bias).unsqueeze(1))
     return torch.cat(merged, dim=1) if len(merged) > 1 else merged[0]
+
+
+def _merge_runs_branch_free(
+    tokens: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """:func:`merge_runs` without a branch on the bucket length, for traced graphs.
+
+    The bucket is zero-padded to whole runs, and the last run (1 to g real tokens) takes the
+    tail weights, which are ``w`` itself when the run is full.
+
+    Args:
+        tokens: (B, L, C); w: (g,); bias: (1,).
+
+    Returns:
+        (B, ceil(L / g), C).
+    """
+    B, L, C = tokens.shape
+    g = w.shape[0]
+    runs = (L + g - 1) // g
+    rest = L - (runs - 1) * g  # real tokens in the last run, 1..g
+    padded = F.pad(tokens, (0, 0, 0, runs * g - L)).reshape(B, runs, g, C)  # B, runs, g, C
+    real = torch.arange(g, device=w.device) < rest  # g
+    tail_weight = torch.where(real, w + w.masked_fill(real, 0).sum() / rest, 0)  # g
+    last = torch.arange(runs, device=w.device)[:, None] == runs - 1  # runs, 1
+    weights = torch.where(last, tail_weight, w)  # runs, g
+    return torch.einsum("bqgc,qg->bqc", padded, weights) + bias  # B, runs, C
 
 
 def reallocate_tokens(
@@ -175,7 +206,10 @@ def column_major_order(significance: torch.Tensor, grid: tuple[int, int]) -> tor
     H, W = grid
     by_columns = significance.view(B, H, W).transpose(1, 2).reshape(B, N)  # B, N column-major
     order = significance_order(by_columns)  # B, N column-major positions
-    return (order % H) * W + order // H  # B, N row-major indices
+    # Row-major index of each column-major position, looked up rather than computed with % and
+    # //, which the ONNX exporter cannot take with a symbolic divisor.
+    row_major = torch.arange(N, device=order.device).view(H, W).t().reshape(N)  # N
+    return row_major[order]  # B, N row-major indices
 
 
 def merge_in_order(
@@ -199,7 +233,7 @@ def merge_in_order(
     merged = [
         merge_runs(ordered[:, start:end], weight, bias)
         for (start, end), (weight, bias) in zip(bucket_bounds(N, buckets), merges, strict=True)
-        if end > start
+        if sizes_are_symbolic() or end > start  # traced: inputs of 32 px and more fill all
     ]
     return torch.cat(merged, dim=1)  # B, M', C
 

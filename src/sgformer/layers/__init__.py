@@ -1,11 +1,18 @@
 """Small layers and tensor helpers of SG-Former, one concept per file."""
 
 from .downsample import Downsample, Stem
-from .fused import GELU, add_into, autograd_on_cpu, stacked_linear
+from .fused import GELU, add_into, autograd_on_cpu, sizes_are_symbolic, stacked_linear
 from .lepe import conv_on_grid, grid_map, locally_enhanced
 from .mlp import DepthwiseConvMlp
-from .padding import PAD_FILL_VALUE, grid_padding, pad_grid, padding_needed, valid_mask
-from .pos_embed import sincos_2d_table
+from .padding import (
+    PAD_FILL_VALUE,
+    crop_grid,
+    grid_padding,
+    pad_grid,
+    padding_needed,
+    valid_mask,
+)
+from .pos_embed import resample_position_table, sincos_2d_table
 from .window import window_partition, window_reverse
 
 __all__ = [
@@ -17,12 +24,15 @@ __all__ = [
     "add_into",
     "autograd_on_cpu",
     "conv_on_grid",
+    "crop_grid",
     "grid_map",
     "grid_padding",
     "locally_enhanced",
     "pad_grid",
     "padding_needed",
+    "resample_position_table",
     "sincos_2d_table",
+    "sizes_are_symbolic",
     "stacked_linear",
     "valid_mask",
     "window_partition",

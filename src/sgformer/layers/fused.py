@@ -1,5 +1,5 @@
 """Fast forms of common operations: stacked linears, in-place sums and GELU, and when the
-training-only forms apply (``autograd_on_cpu``)."""
+training-only forms (``autograd_on_cpu``) and the traced forms (``sizes_are_symbolic``) apply."""
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +28,28 @@ def stacked_linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
     return F.linear(x, weight, torch.cat(biases))  # ..., sum C_out_i
 
 
+def sizes_are_symbolic() -> bool:
+    """Whether torch.compile or torch.export is tracing the model.
+
+    Sizes may then be symbols: a Python branch on one (is there padding, does the last run of
+    merged tokens fall short) would tie the graph to the sizes that take the same branches, so
+    layers take branch-free forms. Those compute the same values (padding by zero rows, a mask
+    that keeps everything, a short run as a full one with zero weights) and may round
+    differently in the last bits, as any compiled kernel may.
+    """
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def autograd_on_cpu(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a CPU tensor in a computation autograd records (training).
+    """Whether ``x`` is a CPU tensor in an eager computation autograd records (training).
 
     Some layers then take forms that are faster forward and backward on the CPU but round
     differently. Inference keeps the published forms: its outputs are compared with the
     published ones, and the significance sort turns a last-bit change into another order of
-    nearly tied tokens.
+    nearly tied tokens. Traced graphs keep them too: the compiler picks its own kernels, and
+    one of those forms depends on the image size.
     """
-    return torch.is_grad_enabled() and x.device.type == "cpu"
+    return torch.is_grad_enabled() and x.device.type == "cpu" and not sizes_are_symbolic()
 
 
 def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from .fused import sizes_are_symbolic
+
 # Value written into padded grid positions before windowed attention. Every consumer masks
 # those positions out, so this value must never reach a real position's output; the tests
 # change it to prove that.
@@ -10,13 +12,21 @@ PAD_FILL_VALUE = 0.0
 
 
 def grid_padding(height: int, width: int, multiple: int) -> tuple[int, int]:
-    """Rows and columns to add at the bottom and right so both sides divide ``multiple``."""
-    return (-height) % multiple, (-width) % multiple
+    """Rows and columns to add at the bottom and right so both sides divide ``multiple``.
+
+    Written as whole multiples minus the side (not ``-side % multiple``) so that, with symbolic
+    sizes, the padded side is visibly a multiple when it is split into windows.
+    """
+    return (
+        (height + multiple - 1) // multiple * multiple - height,
+        (width + multiple - 1) // multiple * multiple - width,
+    )
 
 
 def padding_needed(padding: tuple[int, int]) -> bool:
-    """Whether a grid needs padding, and so a mask; the masked path is exact without it too."""
-    return padding != (0, 0)
+    """Whether to pad a grid, and so to mask: when it needs padding, and always while sizes are
+    symbols (``sizes_are_symbolic``); the padded and masked path is exact without padding too."""
+    return sizes_are_symbolic() or padding != (0, 0)
 
 
 def pad_grid(x: torch.Tensor, padding: tuple[int, int], value: float | None = None) -> torch.Tensor:
@@ -28,11 +38,11 @@ def pad_grid(x: torch.Tensor, padding: tuple[int, int], value: float | None = No
         value: fill for the new positions; ``PAD_FILL_VALUE`` when None.
 
     Returns:
-        (B, H + pad_h, W + pad_w, C) grid. Crop with ``[:, :H, :W]`` to undo.
+        (B, H + pad_h, W + pad_w, C) grid. Undo with :func:`crop_grid`.
     """
-    pad_h, pad_w = padding
-    if pad_h == 0 and pad_w == 0:
+    if not padding_needed(padding):
         return x
+    pad_h, pad_w = padding
     fill = PAD_FILL_VALUE if value is None else value
     return F.pad(x, (0, 0, 0, pad_w, 0, pad_h), value=fill)  # B, H + pad_h, W + pad_w, C
 
@@ -42,6 +52,20 @@ def valid_mask(
 ) -> torch.Tensor:
     """(H + pad_h, W + pad_w) bool grid, True at real positions, False at padding."""
     pad_h, pad_w = padding
-    mask = torch.zeros(height + pad_h, width + pad_w, dtype=torch.bool, device=device)
-    mask[:height, :width] = True
-    return mask
+    rows = torch.arange(height + pad_h, device=device) < height  # H + pad_h
+    cols = torch.arange(width + pad_w, device=device) < width  # W + pad_w
+    return rows[:, None] & cols[None, :]
+
+
+def crop_grid(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, Hp, Wp, ...) padded grid -> (B, H, W, ...) at its real positions.
+
+    A view, except while sizes are symbols: slicing then tests the new sizes against the old
+    (a branch that would tie the graph to the example's padding), so the rows and columns are
+    gathered by index instead, into a contiguous copy.
+    """
+    if sizes_are_symbolic():
+        rows = torch.arange(height, device=x.device)
+        cols = torch.arange(width, device=x.device)
+        return x.index_select(1, rows).index_select(2, cols)
+    return x[:, :height, :width]
