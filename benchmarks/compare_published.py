@@ -21,7 +21,7 @@ from unittest import mock
 from torch import nn
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import benchmark_report
+from sgformer.benchmark import benchmark_report, report_text
 from sgformer.model import BLOCK_NORM_EPS, VARIANTS
 
 PEERS = ("swin_tiny_patch4_window7_224", "pvt_v2_b2", "convnext_tiny")
@@ -88,23 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
-    print(report["table"])
-    rows = report["rows"]
-    for mode in args.mode:
-        for size in args.img_size:
-            same = {
-                r["model"]: r["img_per_s"]
-                for r in rows
-                if r["mode"] == mode and r["img_size"] == size and r["img_per_s"]
-            }
-            ours = same.get(args.variant)
-            if ours:
-                ratios = ", ".join(
-                    f"{ours / v:.2f}x {k}" for k, v in same.items() if k != args.variant
-                )
-                print(f"{mode} {size}px: {args.variant} = {ratios}")
-    for path in report["files"]:
-        print(f"wrote {path}")
+    print(report_text(report))
     return 0
 
 

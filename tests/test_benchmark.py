@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sgformer import benchmark
-from sgformer.benchmark import CSV_COLUMNS, count_macs, run_benchmark
+from sgformer.benchmark import CSV_COLUMNS, count_macs, run_benchmark, speed_ratios
 from sgformer.cli import main
 
 FAST = {"batch_size": 2, "warmup": 1, "repeats": 2}
@@ -36,6 +36,22 @@ def test_cli_reports_good_rows_beside_bad_input(tmp_path, capsys) -> None:
     assert "error: unknown model 'no_such_model'" in out
     assert (tmp_path / "throughput_vs_size.png").stat().st_size > 0
     assert (tmp_path / "throughput_vs_gmacs.png").stat().st_size > 0
+
+
+def test_speed_ratios_put_the_first_model_over_each_peer_of_its_run() -> None:
+    rows = [
+        {"model": "ours", "mode": "infer", "img_size": 224, "img_per_s": 18.0},
+        {"model": "peer", "mode": "infer", "img_size": 224, "img_per_s": 12.0},
+        {"model": "broken", "mode": "infer", "img_size": 224, "img_per_s": None},
+        {"model": "ours", "mode": "train", "img_size": 224, "img_per_s": 4.0},
+        {"model": "peer", "mode": "train", "img_size": 224, "img_per_s": 5.0},
+        {"model": "ours", "mode": "infer", "img_size": 384, "img_per_s": None},
+        {"model": "peer", "mode": "infer", "img_size": 384, "img_per_s": 3.0},
+    ]
+    assert speed_ratios(rows) == [
+        "infer 224px: ours = 1.50x peer",
+        "train 224px: ours = 0.80x peer",
+    ]
 
 
 def test_cuda_without_gpu_is_one_line_per_row(monkeypatch) -> None:

@@ -411,6 +411,35 @@ def _interleaved_times(
     return {name: t for name, t in times.items() if name not in failed and t}
 
 
+def speed_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per mode and size: the first model's images/s over every other model's.
+
+    ``infer 224px: sgformer_s = 1.60x published_sgformer_s, 1.23x swin_tiny_patch4_window7_224``;
+    models whose row failed are left out, and a group whose first model failed gets no line.
+    """
+    groups: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        if row.get("img_per_s"):
+            key = (row["mode"], row["img_size"])
+            groups.setdefault(key, {})[row["model"]] = row["img_per_s"]
+    first = rows[0]["model"] if rows else None
+    lines = []
+    for (mode, size), speeds in groups.items():
+        if first not in speeds or len(speeds) < 2:
+            continue
+        ratios = ", ".join(
+            f"{speeds[first] / v:.2f}x {name}" for name, v in speeds.items() if name != first
+        )
+        lines.append(f"{mode} {size}px: {first} = {ratios}")
+    return lines
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """What the benchmark commands print: table, speed ratios, files written."""
+    files = [f"wrote {path}" for path in report["files"]]
+    return "\n".join([report["table"], *speed_ratios(report["rows"]), *files])
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Fixed-width text table of benchmark rows (errors in the last column)."""
     columns = (

@@ -492,7 +492,7 @@ def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import benchmark_report
+    from .benchmark import benchmark_report, report_text
 
     report = benchmark_report(
         args.models,
@@ -509,9 +509,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
-    print(report["table"])
-    for path in report["files"]:
-        print(f"wrote {path}")
+    print(report_text(report))
     return 0 if any(row["img_per_s"] for row in report["rows"]) else 2
 
 
