@@ -31,9 +31,11 @@ def test_onnx_matches_pytorch_at_two_batch_sizes(tmp_path, capsys) -> None:
     out = tmp_path / "nano.onnx"
     status = main(["export", "--model", "sgformer_nano", "--img-size", "64", str(out)])
     assert status == 0 and out.stat().st_size > 1_000_000  # weights are inside the file
-    checks = _printed_checks(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    checks = _printed_checks(printed)
     assert list(checks) == ["(2, 3, 64, 64)", "(3, 3, 64, 64)"]
     assert all(error <= GOLDEN_RTOL for error in checks.values())
+    assert "takes (B, 3, H, W) input, B from 1 to 1024, H = W = 64" in printed
 
 
 @pytest.mark.slow
@@ -68,9 +70,11 @@ def test_onnx_dynamic_height_and_width_matches_pytorch_at_two_sizes(tmp_path, ca
     torch.manual_seed(0)
     args = ["export", "--model", "sgformer_nano", "--dynamic", "--img-size", "128", str(out)]
     assert main(args) == 0
-    checks = _printed_checks(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    checks = _printed_checks(printed)
     assert list(checks) == ["(2, 3, 128, 128)", "(3, 3, 168, 136)"]
     assert all(error <= GOLDEN_RTOL for error in checks.values())
+    assert "takes (B, 3, H, W) input, B from 1 to 1024, H, W from 128 to 4096 px" in printed
     import onnx
 
     dims = onnx.load(str(out), load_external_data=False).graph.input[0].type.tensor_type.shape.dim

@@ -528,7 +528,7 @@ def _export(args: argparse.Namespace) -> int:
         print(
             f"checked {check['runtime']} at {check['shape']}: max rel. error {check['error']:.1e}"
         )
-    print(f"wrote {result['path']} ({result['format']})")
+    print(f"wrote {result['path']} ({result['format']}): takes {result['accepts']}")
     return 0
 
 

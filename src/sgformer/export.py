@@ -139,7 +139,8 @@ def export_model(
         img_size: side of the example input.
 
     Returns:
-        ``{"path", "format", "checks": [{"runtime", "shape", "error"}]}``.
+        ``{"path", "format", "checks": [{"runtime", "shape", "error"}], "accepts"}``, the
+        last a line saying which input shapes the graph takes.
 
     Raises:
         ValueError: unknown format, image side below the minimum (or, with ``dynamic``,
@@ -180,7 +181,9 @@ def export_model(
             )
     name = model if isinstance(model, str) else type(model).__name__
     _logger.info("exported %s to %s (%s)", name, path, fmt)
-    return {"path": path, "format": fmt, "checks": checks}
+    size = f"H, W from {low} to {high} px" if dynamic else f"H = W = {img_size}"
+    accepts = f"(B, 3, H, W) input, B from 1 to {MAX_BATCH}, {size}"
+    return {"path": path, "format": fmt, "checks": checks, "accepts": accepts}
 
 
 _RUNTIMES = {
