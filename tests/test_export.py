@@ -59,8 +59,11 @@ def test_a_graph_that_differs_from_pytorch_is_reported(nano, tmp_path, monkeypat
         return lambda x: model(x).detach().numpy() * 1.01
 
     monkeypatch.setitem(sgformer.export._EXPORTERS, "torchscript", off_by_a_percent)
-    with pytest.raises(ValueError, match=r"torchscript graph differs from PyTorch at input \(2,"):
+    with pytest.raises(
+        ValueError, match=r"torchscript graph differs from PyTorch at input \(2,"
+    ) as err:
         export_model(nano, tmp_path / "x.ts", fmt="torchscript", img_size=64)
+    assert str(err.value).endswith("x.ts is left for inspection, do not deploy it")
 
 
 def test_onnx_dynamic_height_and_width_matches_pytorch_at_two_sizes(tmp_path, capsys) -> None:

@@ -177,7 +177,7 @@ def export_model(
         if not error <= tolerance:
             raise ValueError(
                 f"{fmt} graph differs from PyTorch at input {shape}: relative error {error:.2e} "
-                f"> {tolerance:.0e}"
+                f"> {tolerance:.0e}; {path} is left for inspection, do not deploy it"
             )
     name = model if isinstance(model, str) else type(model).__name__
     _logger.info("exported %s to %s (%s)", name, path, fmt)
