@@ -15,7 +15,6 @@ optimiser step, the non-finite loss guard, atomic checkpoints).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -64,6 +63,7 @@ from .engine import (
     unwrap_model,
     wrap_distributed,
     write_args,
+    write_summary_csv,
 )
 from .model import create_model
 
@@ -620,16 +620,6 @@ def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, A
     return args, checkpoint
 
 
-def _write_summary(output: Path, history: list[dict[str, Any]]) -> None:
-    tmp = output / ".summary.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
-    os.replace(tmp, output / "summary.csv")
-
-
 def train_detector(given: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) Mask R-CNN on SG-Former as ``sgformer detect train`` describes.
 
@@ -791,7 +781,7 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
             save_checkpoint(last_path, state)
             if is_best:
                 save_checkpoint(output / BEST_CHECKPOINT, state)
-            _write_summary(output, history)
+            write_summary_csv(output, history, SUMMARY_FIELDS)
         _logger.info(
             "epoch %d/%d  loss %.4f  lr %.3g  %.1f img/s  bbox AP %s AP50 %s  segm AP %s",
             epoch + 1,

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -953,16 +953,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_summary(output: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``summary.csv`` from the run's history (kept in the checkpoint, so a resumed run
-    never duplicates or loses a row), then the curves."""
+def write_summary_csv(output: Path, history: list[dict[str, Any]], fields: Sequence[str]) -> None:
+    """Rewrite ``output/summary.csv`` (columns ``fields``) from the run's history.
+
+    The history is kept in the checkpoint, so a resumed run never duplicates or loses a row.
+    The file is written beside and then renamed, so a run killed meanwhile leaves the old one.
+    """
     tmp = output / ".summary.csv.tmp"
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
     os.replace(tmp, output / "summary.csv")
+
+
+def write_summary(output: Path, history: list[dict[str, Any]]) -> None:
+    """The classification run's ``summary.csv``, then its curves."""
+    write_summary_csv(output, history, SUMMARY_FIELDS)
     plot_curves(history, output / "curves.png")
 
 

@@ -64,6 +64,7 @@ from .engine import (
     sharded_loader,
     wrap_distributed,
     write_args,
+    write_summary_csv,
 )
 
 _logger = logging.getLogger(__name__)
@@ -1000,7 +1001,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
             save_checkpoint(last_path, state)
             if is_best:
                 save_checkpoint(best_path, state)
-            _write_summary(output, history)
+            write_summary_csv(output, history, SUMMARY_FIELDS)
         _logger.info(
             "iteration %d/%d  train loss %.4f  mIoU %.2f  aAcc %.2f  lr %.3g  %.2f it/s",
             iteration,
@@ -1037,18 +1038,6 @@ SUMMARY_FIELDS = (
     "train_skipped",
     "val_skipped",
 )
-
-
-def _write_summary(output: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``summary.csv`` from the run's history (kept in the checkpoint)."""
-    import csv
-
-    tmp = output / ".summary.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, output / "summary.csv")
 
 
 # ---------------------------------------------------------------------------------------------
