@@ -3,12 +3,14 @@
 The published model file is not part of this project; give its path:
 
     python benchmarks/compare_published.py --published-code /path/to/sgformer.py \
-        --threads 2 --mode infer train --output benchmarks/results/cpu
+        --threads 2 --mode infer train -b 16 --train-batch-size 8 --repeats 7 \
+        --output benchmarks/results/cpu
 
 The file is imported as it is (its folder goes on sys.path for its own imports, ``np.float`` is
 restored for its numpy use, and its ``@register_model`` is made a no-op so that it does not
 replace this package's timm entries). Its model is built with the published configuration of
-the variant (SPEC "Variants") and random weights: speed does not depend on the values.
+the variant (SPEC "Variants") and random weights: speed does not depend on the values. The
+measurement options are those of ``sgformer benchmark``.
 """
 
 import argparse
@@ -21,7 +23,12 @@ from unittest import mock
 from torch import nn
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import benchmark_report, report_text
+from sgformer.benchmark import (
+    add_benchmark_arguments,
+    benchmark_options,
+    benchmark_report,
+    report_text,
+)
 from sgformer.model import BLOCK_NORM_EPS, VARIANTS
 
 PEERS = ("swin_tiny_patch4_window7_224", "pvt_v2_b2", "convnext_tiny")
@@ -57,17 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published-code", type=Path, required=True, help="published sgformer.py")
     parser.add_argument("--variant", default="sgformer_s", choices=sorted(VARIANTS))
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
-    parser.add_argument("--img-size", nargs="+", type=int, default=[224])
-    parser.add_argument("-b", "--batch-size", type=int, default=16)
-    parser.add_argument("--train-batch-size", type=int, default=8)
-    parser.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", choices=("bf16", "fp16"))
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--output", type=Path)
+    add_benchmark_arguments(parser)
     args = parser.parse_args(argv)
     if not args.published_code.is_file():
         parser.error(f"--published-code: no such file {args.published_code}")
@@ -75,18 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     published = f"published_{args.variant}"
     report = benchmark_report(
         [args.variant, published, *args.peers],
-        output=args.output,
         factories={published: partial(load_published, args.published_code, args.variant)},
-        img_sizes=args.img_size,
-        batch_size=args.batch_size,
-        train_batch_size=args.train_batch_size,
-        modes=args.mode,
-        device=args.device,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        threads=args.threads,
-        warmup=args.warmup,
-        repeats=args.repeats,
+        **benchmark_options(args),
     )
     print(report_text(report))
     return 0

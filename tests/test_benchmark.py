@@ -1,8 +1,11 @@
 """Benchmark command: rows for every model and size, one-line errors for bad input."""
 
 import csv
+import importlib.util
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -36,6 +39,53 @@ def test_cli_reports_good_rows_beside_bad_input(tmp_path, capsys) -> None:
     assert "error: unknown model 'no_such_model'" in out
     assert (tmp_path / "throughput_vs_size.png").stat().st_size > 0
     assert (tmp_path / "throughput_vs_gmacs.png").stat().st_size > 0
+
+
+# Stands in for the authors' model file, which is not part of this project: it uses the numpy
+# alias and the timm registry the way that file does, and accepts the published constructor.
+STAND_IN_PUBLISHED = """
+import numpy as np
+from timm.models.registry import register_model
+from torch import nn
+
+SCALE = np.float(1.0)
+
+
+class SGFormer(nn.Module):
+    def __init__(self, embed_dims, num_heads, depths, mlp_ratios, qkv_bias, norm_layer, sr_ratios):
+        super().__init__()
+        self.features = nn.Conv2d(3, embed_dims[0], 4, stride=4)
+        self.head = nn.Linear(embed_dims[0], 1000)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)) * SCALE)
+
+
+@register_model
+def sgformer_nano(pretrained=False, **kwargs):
+    return SGFormer([8], [1], [1], [4], True, None, [1])
+"""
+
+
+def test_compare_published_runs_the_given_file_beside_ours(tmp_path, capsys) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "compare_published.py"
+    spec = importlib.util.spec_from_file_location("compare_published", script)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    published = tmp_path / "published_sgformer.py"
+    published.write_text(STAND_IN_PUBLISHED)
+    status = compare.main(
+        ["--published-code", str(published), "--variant", "sgformer_nano", "--peers"]
+        + ["--img-size", "64", "-b", "2", "--warmup", "1", "--repeats", "2"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "published_sgformer_nano" in out and "infer 64px: sgformer_nano = " in out
+    # The file's @register_model did not replace this package's timm entry.
+    assert timm.models.model_entrypoint("sgformer_nano").__module__ == "sgformer.model"
+    with pytest.raises(SystemExit):
+        compare.main(["--published-code", str(tmp_path / "missing.py")])
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_speed_ratios_put_the_first_model_over_each_peer_of_its_run() -> None:

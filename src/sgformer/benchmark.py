@@ -1,6 +1,7 @@
 """Cost and speed of models: multiply-accumulates (as fvcore counts them for the paper tables),
 images/s, latency and peak memory measured side by side (docs/BENCHMARKS.md)."""
 
+import argparse
 import contextlib
 import csv
 import ctypes
@@ -557,3 +558,37 @@ def benchmark_report(
         files.append(write_csv(rows, output / "benchmark.csv"))
         files += plot(rows, output)
     return {"rows": rows, "table": format_table(rows), "files": files}
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The measurement options of ``sgformer benchmark``, which the benchmark scripts share."""
+    parser.add_argument("--img-size", nargs="+", type=int, default=[224], help="square sides")
+    parser.add_argument("-b", "--batch-size", type=int, default=16, help="inference batch")
+    parser.add_argument("--train-batch-size", type=int, help="training batch (default -b)")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["infer"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--output", help="folder for benchmark.csv and the PNG plots")
+
+
+def benchmark_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`benchmark_report` keywords from the options of :func:`add_benchmark_arguments`."""
+    return {
+        "output": args.output,
+        "img_sizes": args.img_size,
+        "batch_size": args.batch_size,
+        "train_batch_size": args.train_batch_size,
+        "modes": args.mode,
+        "device": args.device,
+        "amp": args.amp,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }

@@ -492,23 +492,9 @@ def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import benchmark_report, report_text
+    from .benchmark import benchmark_options, benchmark_report, report_text
 
-    report = benchmark_report(
-        args.models,
-        output=args.output,
-        img_sizes=args.img_size,
-        batch_size=args.batch_size,
-        train_batch_size=args.train_batch_size,
-        modes=args.mode,
-        device=args.device,
-        amp=args.amp,
-        compile=args.compile,
-        channels_last=args.channels_last,
-        threads=args.threads,
-        warmup=args.warmup,
-        repeats=args.repeats,
-    )
+    report = benchmark_report(args.models, **benchmark_options(args))
     print(report_text(report))
     return 0 if any(row["img_per_s"] for row in report["rows"]) else 2
 
@@ -533,22 +519,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
+    from .benchmark import add_benchmark_arguments
+
     bench = commands.add_parser(
         "benchmark", help="images/s, latency, GMACs and peak memory, models side by side"
     )
     bench.add_argument("--models", nargs="+", default=["sgformer_s"], help="timm model names")
-    bench.add_argument("--img-size", nargs="+", type=int, default=[224], help="square sides")
-    bench.add_argument("-b", "--batch-size", type=int, default=16, help="inference batch")
-    bench.add_argument("--train-batch-size", type=int, help="training batch (default -b)")
-    bench.add_argument("--mode", nargs="+", choices=("infer", "train"), default=["infer"])
-    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    bench.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (default fp32)")
-    bench.add_argument("--compile", action="store_true", help="torch.compile each model")
-    bench.add_argument("--channels-last", action="store_true", help="channels-last memory")
-    bench.add_argument("--threads", type=int, help="torch.set_num_threads")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
-    bench.add_argument("--repeats", type=int, default=5, help="timed steps per model")
-    bench.add_argument("--output", help="folder for benchmark.csv and the PNG plots")
+    add_benchmark_arguments(bench)
     bench.set_defaults(run=_benchmark)
 
     export = commands.add_parser(
