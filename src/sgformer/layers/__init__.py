@@ -1,7 +1,14 @@
 """Small layers and tensor helpers of SG-Former, one concept per file."""
 
 from .downsample import Downsample, Stem
-from .fused import GELU, add_into, autograd_on_cpu, sizes_are_symbolic, stacked_linear
+from .fused import (
+    GELU,
+    add_into,
+    autocast_on_cpu,
+    autograd_on_cpu,
+    sizes_are_symbolic,
+    stacked_linear,
+)
 from .lepe import conv_on_grid, grid_map, locally_enhanced
 from .mlp import DepthwiseConvMlp
 from .padding import (
@@ -22,6 +29,7 @@ __all__ = [
     "Downsample",
     "Stem",
     "add_into",
+    "autocast_on_cpu",
     "autograd_on_cpu",
     "conv_on_grid",
     "crop_grid",

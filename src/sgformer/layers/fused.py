@@ -1,5 +1,6 @@
 """Fast forms of common operations: stacked linears, in-place sums and GELU, and when the
-training-only forms (``autograd_on_cpu``) and the traced forms (``sizes_are_symbolic``) apply."""
+training forms (``autograd_on_cpu``), the reduced-precision forms (``autocast_on_cpu``) and the
+traced forms (``sizes_are_symbolic``) apply."""
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,17 @@ def autograd_on_cpu(x: torch.Tensor) -> bool:
     one of those forms depends on the image size.
     """
     return torch.is_grad_enabled() and x.device.type == "cpu" and not sizes_are_symbolic()
+
+
+def autocast_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor in an eager computation under CPU autocast (bfloat16 or
+    float16).
+
+    The outputs then round at that precision (bfloat16 keeps 8 bits: about 0.5 % of the
+    logits of the reference run), far above the last-bit differences of the faster forms that
+    training uses, so inference may take them too where they were measured faster.
+    """
+    return torch.is_autocast_enabled("cpu") and x.device.type == "cpu" and not sizes_are_symbolic()
 
 
 def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
