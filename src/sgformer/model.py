@@ -35,12 +35,12 @@ from .layers import (
     crop_grid,
     grid_map,
     grid_padding,
+    input_products,
     pad_grid,
     padding_needed,
     resample_position_table,
     sincos_2d_table,
     sizes_are_symbolic,
-    stacked_linear,
     valid_mask,
     window_partition,
     window_reverse,
@@ -124,14 +124,15 @@ class HybridScaleAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _input_layers(self) -> list[nn.Linear]:
-        """The linears that read the block input, in the column order of the fused product."""
-        layers = [self.lepe_linear]
-        if self.global_heads:
-            layers.append(self.q_global)
-        if self.local_heads:
-            layers += [self.q_local, self.kv_local]  # adjacent: one q|k|v slice for the windows
-        return layers
+    def _input_groups(self) -> list[list[nn.Linear]]:
+        """The linears that read the block input: LePE, global queries, and local queries with
+        their keys and values (adjacent: one q|k|v slice for the windows); empty for a scale
+        the block does not have."""
+        return [
+            [self.lepe_linear],
+            [self.q_global] if self.global_heads else [],
+            [self.q_local, self.kv_local] if self.local_heads else [],
+        ]
 
     def _global(
         self, x: torch.Tensor, q: torch.Tensor, grid: tuple[int, int]
@@ -227,10 +228,8 @@ class HybridScaleAttention(nn.Module):
         """(B, N, C) -> ((B, N, C), (global part (B, N) or None, local part (B, N) or None))."""
         C = x.shape[-1]
         global_dim = self.global_heads * self.head_dim
-        local_dim = 3 * self.local_heads * self.head_dim
-        lepe, q_global, qkv_local = stacked_linear(x, self._input_layers()).split(
-            [C, global_dim, local_dim], dim=-1
-        )  # B, N, C | hg*d | 3*hl*d
+        # B, N, C | hg*d | 3*hl*d (None for a scale the block does not have)
+        lepe, q_global, qkv_local = input_products(x, self._input_groups())
         B, N, _ = x.shape
         H, W = grid
         mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
@@ -295,7 +294,7 @@ class SelfGuidedAttention(nn.Module):
         """(B, N, C) tokens and (B, N) significance -> (B, N, C)."""
         B, N, C = x.shape
         heads, d, half = self.num_heads, self.head_dim, self.num_heads // 2
-        q, lepe = stacked_linear(x, [self.q, self.lepe_linear]).split(C, dim=-1)  # B, N, C each
+        q, lepe = input_products(x, [[self.q], [self.lepe_linear]])  # B, N, C each
         q = q.reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
         merges = [(m.weight, m.bias) for m in self.merge]
         first = merge_in_order(x, significance_order(significance), self.buckets, merges)
@@ -348,9 +347,7 @@ class GlobalAttention(nn.Module):
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         heads = self.num_heads
-        q, kv, lepe = stacked_linear(x, [self.q, self.kv, self.lepe_linear]).split(
-            [C, 2 * C, C], dim=-1
-        )  # B, N, C | 2C | C
+        q, kv, lepe = input_products(x, [[self.q], [self.kv], [self.lepe_linear]])  # C | 2C | C
         q = q.reshape(B, N, heads, -1).transpose(1, 2)  # B, heads, N, d
         k, v = kv.reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attn_drop if self.training else 0.0

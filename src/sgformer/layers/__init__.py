@@ -6,6 +6,7 @@ from .fused import (
     add_into,
     autocast_on_cpu,
     autograd_on_cpu,
+    input_products,
     sizes_are_symbolic,
     stacked_linear,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "crop_grid",
     "grid_map",
     "grid_padding",
+    "input_products",
     "locally_enhanced",
     "pad_grid",
     "padding_needed",
