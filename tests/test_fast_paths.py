@@ -1,14 +1,13 @@
 """The fast attention and MLP paths against a plain transcription of SPEC "Attention".
 
 The model runs fused products in inference (one matrix product for every linear that reads a
-block's input; one per group of them under autograd), adds attention outputs straight into the LePE buffer, gathers the column-major
-sequence without copying the tokens, chunks large global attention, applies GELU in place and
-runs the stem and first two stages of a large CPU inference batch in groups of images, and
-under autograd runs the stem channels-last and the MLP's ``h + dwconv(h)`` as one
-convolution. The
-references below compute the same thing layer by layer, one linear at a time, as the published
-code does; the fast paths must give the same outputs, significance maps and gradients, also on
-padded grids.
+block's input; one per group of them under autograd), adds attention outputs straight into
+the LePE buffer, gathers the column-major sequence without copying the tokens, chunks large
+global attention, applies GELU in place and runs the stem and first two stages of a large CPU
+inference batch in groups of images, and under autograd runs the stem channels-last and the
+MLP's ``h + dwconv(h)`` as one convolution. The references below compute the same thing layer
+by layer, one linear at a time, as the published code does; the fast paths must give the same
+outputs, significance maps and gradients, also on padded grids.
 Golden data (tests/test_golden.py) covers the published outputs themselves.
 """
 
