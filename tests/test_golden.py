@@ -5,7 +5,6 @@ import json
 import pytest
 import timm
 import torch
-from torch import nn
 
 import sgformer  # noqa: F401
 from conftest import GOLDEN_DIR, assert_close_relative
@@ -27,7 +26,9 @@ def test_logits_match_reference(golden: dict, golden_model: torch.nn.Module) -> 
     assert_close_relative(logits, golden["logits"])
 
 
-def test_bfloat16_autocast_stays_near_reference(golden: dict, golden_model: nn.Module) -> None:
+def test_bfloat16_autocast_stays_near_reference(
+    golden: dict, golden_model: torch.nn.Module
+) -> None:
     # bfloat16 keeps 8 significant bits; the measured error is 0.6 % of the logits' norm.
     # Autocast takes the faster forms whose float32 rounding differs (layers.autocast_on_cpu).
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
