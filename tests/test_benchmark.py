@@ -2,6 +2,9 @@
 
 import csv
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,45 @@ def test_macs_grow_with_image_area() -> None:
     small = count_macs(model, torch.randn(1, 3, 32, 32))["total"]
     large = count_macs(model, torch.randn(1, 3, 64, 64))["total"]
     assert small == 32 * 32 * 8 * 27 and large == 4 * small
+
+
+# Allocates and frees 64 MiB in every step: above glibc's largest mmap threshold, so each step
+# maps fresh pages unless freed memory is kept.
+FRESH_MEMORY_STEPS = """
+import json, sys, torch
+from torch import nn
+from sgformer.benchmark import run_benchmark
+
+
+class Allocating(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x.mean((2, 3))) + torch.ones(2**24).sum()
+
+
+def faults(keep):
+    rows = run_benchmark(
+        ["allocating"], img_sizes=[32], batch_size=1, warmup=1, repeats=3, memory=False,
+        factories={"allocating": Allocating}, keep_freed_memory=keep,
+    )
+    return rows[0]["faults_per_step"], rows[0]["keep_freed_memory"]
+
+
+print(json.dumps([faults(False), faults(True)]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_page_faults_are_counted_and_keeping_freed_memory_removes_them() -> None:
+    # A process of its own: keeping freed memory lasts for the rest of the process.
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_MEMORY_STEPS], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    (plain, plain_kept), (kept, kept_flag) = json.loads(done.stdout)
+    assert plain_kept is False and kept_flag is True
+    assert plain >= 16  # 16384 pages of 4 KiB, or 32 huge pages where the kernel gives them
+    assert kept <= plain // 4

@@ -98,12 +98,14 @@ CSV_COLUMNS = (
     "compiled",
     "channels_last",
     "threads",
+    "keep_freed_memory",
     "params_m",
     "gmacs",
     "img_per_s",
     "ms_per_img",
     "vs_baseline",
     "peak_mem_mb",
+    "faults_per_step",
     "error",
 )
 
@@ -117,6 +119,46 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``); None where it is not counted.
+
+    A fault is the kernel mapping and zero-filling one fresh page on first touch; glibc serves
+    large blocks with fresh pages (a fresh ``mmap``, or heap it trimmed), so a step that
+    allocates them pays about a microsecond per 4 KiB page on this machine (docs/profile.md).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 2**30
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory in this process instead of returning it to the OS.
+
+    Blocks up to 1 GiB then come from the heap, and freed heap is not trimmed, so a step reuses
+    pages that are already mapped instead of faulting fresh ones: what is left to time is the
+    computation, the same for every model. It lasts for the whole process (a benchmark run;
+    no library call should do this), and resident memory stays at its high-water mark.
+
+    Returns:
+        False where the C library is not glibc (nothing changed).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+            and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def _release_free_memory() -> None:
@@ -236,6 +278,7 @@ def run_benchmark(
     compile: bool = False,
     channels_last: bool = False,
     threads: int | None = None,
+    keep_freed_memory: bool = False,
     warmup: int = 2,
     repeats: int = 5,
     factories: Mapping[str, Callable[[], nn.Module]] | None = None,
@@ -259,6 +302,8 @@ def run_benchmark(
         compile: wrap each model in ``torch.compile``.
         channels_last: models and inputs in channels-last memory format.
         threads: ``torch.set_num_threads`` for the run.
+        keep_freed_memory: :func:`retain_freed_memory` first, so no model's steps pay page
+            faults for fresh memory (the rest of the process keeps the setting).
         factories: extra models built by callables (e.g. the published implementation).
         memory: also measure peak memory (one more step per model).
 
@@ -272,12 +317,16 @@ def run_benchmark(
         raise ValueError(f"modes must be among {MODES}, got {bad_modes}")
     if threads is not None:
         torch.set_num_threads(threads)
+    if keep_freed_memory and not retain_freed_memory():
+        _logger.warning("--keep-freed-memory needs glibc's mallopt; measuring without it")
+        keep_freed_memory = False
     settings = {
         "device": device,
         "precision": amp or "fp32",
         "compiled": compile,
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
+        "keep_freed_memory": keep_freed_memory,
     }
     device_error = _device_problem(device)
     built: dict[str, nn.Module | str] = {}
@@ -310,9 +359,11 @@ def run_benchmark(
             for row in config_rows:
                 name = row["model"]
                 if name in times:
-                    seconds = statistics.median(times[name])
+                    seconds = statistics.median(t for t, _ in times[name])
                     row["img_per_s"] = round(batch / seconds, 2)
                     row["ms_per_img"] = round(1000 * seconds / batch, 2)
+                    faults = [f for _, f in times[name] if f is not None]
+                    row["faults_per_step"] = round(statistics.median(faults)) if faults else None
                     if memory:
                         row["peak_mem_mb"] = round(
                             _peak_memory(runners[name], torch.device(device)) / 2**20, 1
@@ -393,14 +444,16 @@ def _prepare(
 
 def _interleaved_times(
     runners: dict[str, Callable[[], None]], repeats: int, rows: list[dict]
-) -> dict[str, list[float]]:
-    """Seconds per step of each model, the models taking turns within every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
+) -> dict[str, list[tuple[float, int | None]]]:
+    """(seconds, minor page faults) per step of each model, the models taking turns within
+    every repeat."""
+    times: dict[str, list[tuple[float, int | None]]] = {name: [] for name in runners}
     failed: set[str] = set()
     for _ in range(repeats):
         for name, step in runners.items():
             if name in failed:
                 continue
+            faults = minor_page_faults()
             start = time.perf_counter()
             try:
                 step()
@@ -408,7 +461,10 @@ def _interleaved_times(
                 failed.add(name)
                 next(r for r in rows if r["model"] == name)["error"] = _one_line(err)
                 continue
-            times[name].append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if faults is not None:
+                faults = minor_page_faults() - faults
+            times[name].append((seconds, faults))
     return {name: t for name, t in times.items() if name not in failed and t}
 
 
@@ -454,6 +510,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         ("ms_per_img", "ms/img"),
         ("vs_baseline", "x first"),
         ("peak_mem_mb", "peak MB"),
+        ("faults_per_step", "faults/step"),
     )
     cells = [[h for _, h in columns]]
     for row in rows:
@@ -571,6 +628,12 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="keep freed memory in the process (glibc), so that no step pays page faults for "
+        "fresh memory: steadier ratios of the computation alone",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model")
     parser.add_argument("--output", help="folder for benchmark.csv and the PNG plots")
@@ -589,6 +652,7 @@ def benchmark_options(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "channels_last": args.channels_last,
         "threads": args.threads,
+        "keep_freed_memory": args.keep_freed_memory,
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
