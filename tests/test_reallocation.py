@@ -57,6 +57,33 @@ def test_merge_runs_full_and_partial_runs(traced_forms) -> None:
     )
 
 
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_merge_runs_under_autograd_gives_the_weighted_sums_and_their_gradients(group) -> None:
+    # Training takes other forms than inference (elementwise products and sums); written out
+    # run by run, the merge and its gradients must be the same.
+    length = 3 * group + (group > 1)  # three full runs, and a short last one where there can be
+    tokens = torch.randn(2, length, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, group, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, dtype=torch.float64, requires_grad=True)
+    w = weight[0]
+    runs = []
+    for start in range(0, length, group):
+        run = tokens[:, start : start + group]  # B, r, C
+        r = run.shape[1]
+        run_weight = w[:r] + w[r:].sum() / r  # missing slots take the run's mean
+        runs.append((run * run_weight[:, None]).sum(1) + bias)
+    expected = torch.stack(runs, dim=1)  # B, runs, C
+    merged = merge_runs(tokens, weight, bias)
+    torch.testing.assert_close(merged, expected)
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad((merged * upstream).sum(), (tokens, weight, bias))
+    want = torch.autograd.grad((expected * upstream).sum(), (tokens, weight, bias))
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():  # the inference form
+        torch.testing.assert_close(merge_runs(tokens, weight, bias), expected)
+
+
 @pytest.mark.parametrize("group", [1, 2, 7, 49])
 def test_branch_free_merge_equals_the_branching_one(group, monkeypatch) -> None:
     # Traced graphs pad a bucket to whole runs and weight the last run's missing slots by
