@@ -143,10 +143,12 @@ _KEEP_BYTES = 2**30
 def retain_freed_memory() -> bool:
     """Make glibc keep freed memory in this process instead of returning it to the OS.
 
-    Blocks up to 1 GiB then come from the heap, and freed heap is not trimmed, so a step reuses
-    pages that are already mapped instead of faulting fresh ones: what is left to time is the
-    computation, the same for every model. It lasts for the whole process (a benchmark run;
-    no library call should do this), and resident memory stays at its high-water mark.
+    Blocks up to 1 GiB then come from the heap, and freed heap is not trimmed, so once the heap
+    has grown to hold a step (in the warm-up: a freed block split by small ones can make it grow
+    a few times), a step reuses pages that are already mapped instead of faulting fresh ones:
+    what is left to time is the computation, the same for every model. It lasts for the whole
+    process (a benchmark run; no library call should do this), and resident memory stays at its
+    high-water mark.
 
     Returns:
         False where the C library is not glibc (nothing changed).
