@@ -249,13 +249,11 @@ def merge_in_order(
     # The buckets tile [0, N) in order, so one split cuts them: under autograd its backward is
     # one `cat` of the buckets' gradients, where a slice per bucket would scatter each into a
     # zero (B, N, C) tensor and then sum those.
-    lengths = [end - start for start, end in bucket_bounds(N, buckets)]
+    parts = ordered.split([end - start for start, end in bucket_bounds(N, buckets)], dim=1)
     merged = [
         merge_runs(part, weight, bias)
-        for part, length, (weight, bias) in zip(
-            ordered.split(lengths, dim=1), lengths, merges, strict=True
-        )
-        if sizes_are_symbolic() or length > 0  # traced: inputs of 32 px and more fill all
+        for part, (weight, bias) in zip(parts, merges, strict=True)
+        if sizes_are_symbolic() or part.shape[1] > 0  # traced: inputs of 32 px and more fill all
     ]
     return torch.cat(merged, dim=1)  # B, M', C
 
