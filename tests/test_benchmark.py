@@ -160,7 +160,7 @@ def test_macs_grow_with_image_area() -> None:
 # maps fresh pages unless freed memory is kept. Three warm-up steps let the kept heap grow to
 # its high-water mark (a freed block split by small allocations makes it grow once or twice).
 FRESH_MEMORY_STEPS = """
-import json, sys, torch
+import json, torch
 from torch import nn
 from sgformer.benchmark import run_benchmark
 
