@@ -6,6 +6,13 @@ prints, per mode, the operators by self CPU time (CUDA time on a GPU) and the pa
 the profiled step and, with ``--output``, writes each table to a text file. docs/profile.md
 quotes them.
 
+``--kernels`` (CPU) prints another table instead: every aten call of one step timed where it
+runs, and again right after on the same inputs (best of three, caches and threads warm),
+summed per operator, those that lose most in the step first. The second total is what the
+step's kernels cost without what happens between them (Python, dispatch, autograd, data gone
+cold since it was written), so two models can be compared kernel for kernel; docs/profile.md,
+"Kernel for kernel", quotes it.
+
 The profiler's own records change what the allocator hands out, so a profiled step can fault
 where an unprofiled one does not (85 thousand faults against none for sgformer_s inference,
 2026-11-26), and memory-bound operators then look several times slower than they run.
@@ -14,12 +21,16 @@ where an unprofiled one does not (85 thousand faults against none for sgformer_s
 
 import argparse
 import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgformer  # noqa: F401  (registers the models with timm)
 from sgformer.benchmark import minor_page_faults, retain_freed_memory
@@ -27,8 +38,10 @@ from sgformer.benchmark import minor_page_faults, retain_freed_memory
 ROW_LIMIT = 25
 
 
-def profile_step(model_name: str, mode: str, img_size: int, batch_size: int, device: str) -> str:
-    """Operator table of one warmed-up inference forward or training step."""
+def make_step(
+    model_name: str, mode: str, img_size: int, batch_size: int, device: str
+) -> Callable[[], None]:
+    """One inference forward or training step (cross-entropy, backward, fused AdamW)."""
     model = timm.create_model(model_name).to(device).train(mode == "train")
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch_size,), device=device)
@@ -43,6 +56,12 @@ def profile_step(model_name: str, mode: str, img_size: int, batch_size: int, dev
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def profile_step(model_name: str, mode: str, img_size: int, batch_size: int, device: str) -> str:
+    """Operator table of one warmed-up inference forward or training step."""
+    step = make_step(model_name, mode, img_size, batch_size, device)
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU]
@@ -58,6 +77,80 @@ def profile_step(model_name: str, mode: str, img_size: int, batch_size: int, dev
     return f"{table}\nminor page faults in the profiled step: {faults}"
 
 
+KERNEL_REPEATS = 3  # timings of each call alone; the best is kept
+
+
+class _KernelTimer(TorchDispatchMode):
+    """Times every aten call where it runs, then again alone on the same inputs.
+
+    A call that writes into an input (``add_``, the fused AdamW) is repeated on copies of what
+    it writes, made outside the timed region, so the step itself is not changed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # n, step, alone
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        written = {
+            i
+            for i, arg in enumerate(func._schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write
+        }
+        before = [_copy(a) if i in written else a for i, a in enumerate(args)]
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        in_step = time.perf_counter() - start
+        alone = float("inf")
+        for _ in range(KERNEL_REPEATS):
+            inputs = [_copy(a) if i in written else a for i, a in enumerate(before)]
+            start = time.perf_counter()
+            func(*inputs, **kwargs)
+            alone = min(alone, time.perf_counter() - start)
+        entry = self.times[func._schema.name.removeprefix("aten::")]
+        entry[0] += 1
+        entry[1] += in_step
+        entry[2] += alone
+        return out
+
+
+def _copy(arg):
+    """A copy of a tensor argument, or of each tensor of a list argument."""
+    if isinstance(arg, torch.Tensor):
+        return arg.clone()
+    if isinstance(arg, list | tuple):
+        return type(arg)(_copy(a) for a in arg)
+    return arg
+
+
+def kernel_table(model_name: str, mode: str, img_size: int, batch_size: int) -> str:
+    """Each aten call of one CPU step timed in the step and alone, summed per operator."""
+    step = make_step(model_name, mode, img_size, batch_size, "cpu")
+    for _ in range(2):
+        step()
+    plain = []
+    for _ in range(5):
+        start = time.perf_counter()
+        step()
+        plain.append(time.perf_counter() - start)
+    timer = _KernelTimer()
+    with timer:
+        step()
+    rows = sorted(timer.times.items(), key=lambda kv: kv[1][2] - kv[1][1])
+    total = [sum(v[i] for v in timer.times.values()) for i in range(3)]
+    lines = [
+        f"{'operator':52s} {'calls':>6s} {'in step ms':>11s} {'alone ms':>9s}",
+        *(
+            f"{name[:52]:52s} {n:6d} {t_step * 1e3:11.1f} {t_alone * 1e3:9.1f}"
+            for name, (n, t_step, t_alone) in rows[:ROW_LIMIT]
+        ),
+        f"{'all operators':52s} {total[0]:6d} {total[1] * 1e3:11.1f} {total[2] * 1e3:9.1f}",
+        f"step without the timer (median of 5): {sorted(plain)[2] * 1e3:.1f} ms",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sgformer_s")
@@ -71,14 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="no page faults for fresh memory"
     )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="time each aten call in the step and alone (CPU), instead of torch.profiler",
+    )
     args = parser.parse_args(argv)
+    if args.kernels and args.device != "cpu":
+        parser.error("--kernels times CPU calls; drop --device or use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory and not retain_freed_memory():
         print("--keep-freed-memory needs glibc's mallopt; profiling without it")
     for mode in args.mode:
         batch = args.train_batch_size if mode == "train" else args.batch_size
-        table = profile_step(args.model, mode, args.img_size, batch, args.device)
+        if args.kernels:
+            table = kernel_table(args.model, mode, args.img_size, batch)
+        else:
+            table = profile_step(args.model, mode, args.img_size, batch, args.device)
         title = f"{args.model} {mode}, batch {batch}, {args.img_size} px, {args.device}"
         print(f"{title}\n{table}")
         if args.output:
