@@ -28,40 +28,28 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import minor_page_faults, retain_freed_memory
+from sgformer.benchmark import make_step, minor_page_faults, retain_freed_memory
 
 ROW_LIMIT = 25
 
 
-def make_step(
+def build_step(
     model_name: str, mode: str, img_size: int, batch_size: int, device: str
 ) -> Callable[[], None]:
-    """One inference forward or training step (cross-entropy, backward, fused AdamW)."""
+    """The step ``sgformer benchmark`` times: an inference forward or a training step
+    (cross-entropy, backward, fused AdamW), on random images."""
     model = timm.create_model(model_name).to(device).train(mode == "train")
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    target = torch.randint(0, 1000, (batch_size,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as sgformer train
-
-    def step() -> None:
-        if mode == "infer":
-            with torch.inference_mode():
-                model(x)
-            return
-        F.cross_entropy(model(x), target).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return make_step(model, mode, x)
 
 
 def profile_step(model_name: str, mode: str, img_size: int, batch_size: int, device: str) -> str:
     """Operator table of one warmed-up inference forward or training step."""
-    step = make_step(model_name, mode, img_size, batch_size, device)
+    step = build_step(model_name, mode, img_size, batch_size, device)
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU]
@@ -84,7 +72,8 @@ class _KernelTimer(TorchDispatchMode):
     """Times every aten call where it runs, then again alone on the same inputs.
 
     A call that writes into an input (``add_``, the fused AdamW) is repeated on copies of what
-    it writes, made outside the timed region, so the step itself is not changed.
+    it writes (taken after the call, outside the timed region), so the step itself is not
+    changed.
     """
 
     def __init__(self) -> None:
@@ -98,13 +87,12 @@ class _KernelTimer(TorchDispatchMode):
             for i, arg in enumerate(func._schema.arguments)
             if arg.alias_info is not None and arg.alias_info.is_write
         }
-        before = [_copy(a) if i in written else a for i, a in enumerate(args)]
         start = time.perf_counter()
         out = func(*args, **kwargs)
         in_step = time.perf_counter() - start
         alone = float("inf")
         for _ in range(KERNEL_REPEATS):
-            inputs = [_copy(a) if i in written else a for i, a in enumerate(before)]
+            inputs = [_copy(a) if i in written else a for i, a in enumerate(args)]
             start = time.perf_counter()
             func(*inputs, **kwargs)
             alone = min(alone, time.perf_counter() - start)
@@ -126,7 +114,7 @@ def _copy(arg):
 
 def kernel_table(model_name: str, mode: str, img_size: int, batch_size: int) -> str:
     """Each aten call of one CPU step timed in the step and alone, summed per operator."""
-    step = make_step(model_name, mode, img_size, batch_size, "cpu")
+    step = build_step(model_name, mode, img_size, batch_size, "cpu")
     for _ in range(2):
         step()
     plain = []

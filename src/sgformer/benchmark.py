@@ -211,14 +211,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_step(
+def make_step(
     model: nn.Module,
     mode: str,
     x: torch.Tensor,
-    amp: str | None,
+    amp: str | None = None,
 ) -> Callable[[], None]:
     """One timed unit: an inference forward, or a training step (forward, loss, backward,
-    fused AdamW update)."""
+    fused AdamW update); also what ``benchmarks/profile_model.py`` profiles."""
     device = x.device
     autocast = partial(
         torch.autocast, device_type=device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None
@@ -438,7 +438,7 @@ def _prepare(
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    step = _make_step(runnable, mode, x, amp)
+    step = make_step(runnable, mode, x, amp)
     for _ in range(max(1, warmup)):
         step()
     return step
