@@ -6,10 +6,13 @@ The published model file is not part of this project; give its path:
         --threads 2 --mode infer train -b 16 --train-batch-size 8 --repeats 7 \
         --output benchmarks/results/cpu
 
+``--variants sgformer_s sgformer_m sgformer_b`` runs each variant beside its published model
+(the peers once) and prints each variant's ratios over its published model and the peers.
+
 The file is imported as it is (its folder goes on sys.path for its own imports, ``np.float`` is
 restored for its numpy use, and its ``@register_model`` is made a no-op so that it does not
-replace this package's timm entries). Its model is built with the published configuration of
-the variant (SPEC "Variants") and random weights: speed does not depend on the values. The
+replace this package's timm entries). Its models are built with the published configuration of
+each variant (SPEC "Variants") and random weights: speed does not depend on the values. The
 measurement options are those of ``sgformer benchmark``.
 """
 
@@ -27,7 +30,7 @@ from sgformer.benchmark import (
     add_benchmark_arguments,
     benchmark_options,
     benchmark_report,
-    report_text,
+    speed_ratios,
 )
 from sgformer.model import BLOCK_NORM_EPS, VARIANTS
 
@@ -62,20 +65,29 @@ def load_published(path: Path, variant: str) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--published-code", type=Path, required=True, help="published sgformer.py")
-    parser.add_argument("--variant", default="sgformer_s", choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=["sgformer_s"], choices=sorted(VARIANTS), metavar="V"
+    )
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     add_benchmark_arguments(parser)
     args = parser.parse_args(argv)
     if not args.published_code.is_file():
         parser.error(f"--published-code: no such file {args.published_code}")
 
-    published = f"published_{args.variant}"
+    models, factories = [], {}
+    for variant in args.variants:
+        published = f"published_{variant}"
+        models += [variant, published]
+        factories[published] = partial(load_published, args.published_code, variant)
     report = benchmark_report(
-        [args.variant, published, *args.peers],
-        factories={published: partial(load_published, args.published_code, args.variant)},
-        **benchmark_options(args),
+        [*models, *args.peers], factories=factories, **benchmark_options(args)
     )
-    print(report_text(report))
+    ratios = [
+        line
+        for variant in args.variants
+        for line in speed_ratios(report["rows"], variant, [f"published_{variant}", *args.peers])
+    ]
+    print("\n".join([report["table"], *ratios, *(f"wrote {p}" for p in report["files"])]))
     return 0
 
 

@@ -78,7 +78,7 @@ def test_compare_published_runs_the_given_file_beside_ours(tmp_path, capsys) -> 
     published = tmp_path / "published_sgformer.py"
     published.write_text(STAND_IN_PUBLISHED)
     status = compare.main(
-        ["--published-code", str(published), "--variant", "sgformer_nano", "--peers"]
+        ["--published-code", str(published), "--variants", "sgformer_nano", "--peers"]
         + ["--img-size", "64", "-b", "2", "--warmup", "1", "--repeats", "2"]
     )
     out = capsys.readouterr().out
@@ -105,6 +105,8 @@ def test_speed_ratios_put_the_first_model_over_each_peer_of_its_run() -> None:
         "infer 224px: ours = 1.50x peer",
         "train 224px: ours = 0.80x peer",
     ]
+    rows.append({"model": "other", "mode": "infer", "img_size": 224, "img_per_s": 9.0})
+    assert speed_ratios(rows, "peer", ["other"]) == ["infer 224px: peer = 1.33x other"]
 
 
 def test_cuda_without_gpu_is_one_line_per_row(monkeypatch) -> None:

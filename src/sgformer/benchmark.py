@@ -470,26 +470,29 @@ def _interleaved_times(
     return {name: t for name, t in times.items() if name not in failed and t}
 
 
-def speed_ratios(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per mode and size: the first model's images/s over every other model's.
+def speed_ratios(
+    rows: Sequence[dict[str, Any]], model: str | None = None, peers: Sequence[str] | None = None
+) -> list[str]:
+    """One line per mode and size: ``model``'s images/s (default the first row's model) over
+    that of every other model of the run, or of those in ``peers``.
 
     ``infer 224px: sgformer_s = 1.60x published_sgformer_s, 1.23x swin_tiny_patch4_window7_224``;
-    models whose row failed are left out, and a group whose first model failed gets no line.
+    models whose row failed are left out, and a group whose ``model`` failed gets no line.
     """
     groups: dict[tuple[str, int], dict[str, float]] = {}
     for row in rows:
         if row.get("img_per_s"):
             key = (row["mode"], row["img_size"])
             groups.setdefault(key, {})[row["model"]] = row["img_per_s"]
-    first = rows[0]["model"] if rows else None
+    if model is None:
+        model = rows[0]["model"] if rows else None
     lines = []
     for (mode, size), speeds in groups.items():
-        if first not in speeds or len(speeds) < 2:
+        others = [n for n in speeds if n != model and (peers is None or n in peers)]
+        if model not in speeds or not others:
             continue
-        ratios = ", ".join(
-            f"{speeds[first] / v:.2f}x {name}" for name, v in speeds.items() if name != first
-        )
-        lines.append(f"{mode} {size}px: {first} = {ratios}")
+        ratios = ", ".join(f"{speeds[model] / speeds[n]:.2f}x {n}" for n in others)
+        lines.append(f"{mode} {size}px: {model} = {ratios}")
     return lines
 
 

@@ -1,0 +1,93 @@
+"""The model on a CUDA GPU: golden equivalence, autocast, gradients and compile.
+
+CI has no GPU, so these run only where one is at hand (docs/BENCHMARKS.md names the machine
+they last ran on). On the GPU the model takes its device-neutral path: none of the CPU fused
+forms (layers.fused), cuDNN convolutions and CUDA SDPA kernels instead.
+"""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import sgformer  # noqa: F401
+from conftest import assert_close_relative
+from sgformer.model import checkpoint_filter_fn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """TF32 matrix products keep 10 mantissa bits: golden equivalence is a float32 claim."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden: dict) -> torch.nn.Module:
+    model = timm.create_model("sgformer_nano").eval()
+    model.load_state_dict(checkpoint_filter_fn(dict(golden["state_dict"]), model))
+    return model.cuda()
+
+
+def test_logits_features_and_significance_match_reference(golden, golden_model) -> None:
+    x = golden["input"].cuda()
+    with torch.no_grad():
+        logits = golden_model(x)
+        features = golden_model.forward_intermediates(x, intermediates_only=True)
+    assert logits.is_cuda
+    assert_close_relative(logits.cpu(), golden["logits"])
+    for ours, reference in zip(features, golden["stage_features"], strict=True):
+        if reference.ndim == 3:  # stage 4 is stored as tokens (B, N, C)
+            ours = ours.flatten(2).transpose(1, 2)
+        assert_close_relative(ours.cpu(), reference)
+    maps = golden_model.forward_significance(x)
+    for ours, reference in zip(maps, golden["significance"], strict=True):
+        assert_close_relative(ours.flatten(1).cpu(), reference)
+
+
+def test_channels_last_input_gives_reference_logits(golden, golden_model) -> None:
+    x = golden["input"].cuda().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        logits = golden_model.to(memory_format=torch.channels_last)(x)
+    golden_model.to(memory_format=torch.contiguous_format)
+    assert_close_relative(logits.cpu(), golden["logits"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_stays_near_reference(golden, golden_model, dtype) -> None:
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        logits = golden_model(golden["input"].cuda())
+    assert logits.dtype == dtype
+    reference = golden["logits"]
+    error = (logits.float().cpu() - reference).norm() / reference.norm()
+    assert error < 0.02
+    assert torch.equal(logits.float().argmax(1).cpu(), reference.argmax(1))
+
+
+def test_training_gradients_equal_the_cpu_ones() -> None:
+    # A padded grid (97 x 131): window, reduction and merge padding all take part.
+    model = timm.create_model("sgformer_nano", num_classes=10).train()
+    x, target = torch.randn(2, 3, 97, 131), torch.tensor([3, 7])
+    grads = []
+    for device in ("cpu", "cuda"):
+        model.zero_grad()
+        model.to(device)
+        F.cross_entropy(model(x.to(device)), target.to(device)).backward()
+        grads.append({n: p.grad.cpu() for n, p in model.named_parameters()})
+    cpu, cuda = grads
+    assert cpu.keys() == cuda.keys()
+    for name in cpu:
+        scale = cpu[name].abs().max().item()
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=1e-3 * scale, msg=name)
+
+
+def test_compiled_model_matches_eager_without_graph_breaks(golden, golden_model) -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(golden_model, fullgraph=True)
+    x = golden["input"].cuda()
+    with torch.no_grad():
+        assert_close_relative(compiled(x).cpu(), golden["logits"])
