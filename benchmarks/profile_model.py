@@ -32,24 +32,31 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import make_step, minor_page_faults, retain_freed_memory
+from sgformer.benchmark import AMP_DTYPES, make_step, minor_page_faults, retain_freed_memory
 
 ROW_LIMIT = 25
 
 
 def build_step(
-    model_name: str, mode: str, img_size: int, batch_size: int, device: str
+    model_name: str,
+    mode: str,
+    img_size: int,
+    batch_size: int,
+    device: str,
+    amp: str | None = None,
 ) -> Callable[[], None]:
     """The step ``sgformer benchmark`` times: an inference forward or a training step
-    (cross-entropy, backward, fused AdamW), on random images."""
+    (cross-entropy, backward, fused AdamW), on random images, under ``amp`` autocast."""
     model = timm.create_model(model_name).to(device).train(mode == "train")
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    return make_step(model, mode, x)
+    return make_step(model, mode, x, amp)
 
 
-def profile_step(model_name: str, mode: str, img_size: int, batch_size: int, device: str) -> str:
+def profile_step(
+    model_name: str, mode: str, img_size: int, batch_size: int, device: str, amp: str | None
+) -> str:
     """Operator table of one warmed-up inference forward or training step."""
-    step = build_step(model_name, mode, img_size, batch_size, device)
+    step = build_step(model_name, mode, img_size, batch_size, device, amp)
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU]
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-b", "--batch-size", type=int, default=16)
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default fp32)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--output", type=Path)
     parser.add_argument(
@@ -158,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         help="time each aten call in the step and alone (CPU), instead of torch.profiler",
     )
     args = parser.parse_args(argv)
-    if args.kernels and args.device != "cpu":
-        parser.error("--kernels times CPU calls; drop --device or use --device cpu")
+    if args.kernels and (args.device != "cpu" or args.amp):
+        parser.error("--kernels times float32 CPU calls; drop --device and --amp")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory and not retain_freed_memory():
@@ -169,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.kernels:
             table = kernel_table(args.model, mode, args.img_size, batch)
         else:
-            table = profile_step(args.model, mode, args.img_size, batch, args.device)
-        title = f"{args.model} {mode}, batch {batch}, {args.img_size} px, {args.device}"
+            table = profile_step(args.model, mode, args.img_size, batch, args.device, args.amp)
+        precision = args.amp or "fp32"
+        title = (
+            f"{args.model} {mode}, batch {batch}, {args.img_size} px, {args.device}, {precision}"
+        )
         print(f"{title}\n{table}")
         if args.output:
             args.output.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,21 @@ import torch
 import torch.nn.functional as F
 
 import sgformer  # noqa: F401
-from conftest import assert_close_relative
+from conftest import GOLDEN_RTOL
 from sgformer.model import checkpoint_filter_fn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# The reference is a float32 CPU run with its own rounding: the model run in float64 on the GPU
+# lands 0.87e-4 (of the logits' largest magnitude) from it, and float32 on the GPU 1.4e-4,
+# eager or compiled (H200, 2026-11-26). Three times the CPU tolerance bounds both.
+CUDA_RTOL = 3 * GOLDEN_RTOL
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(
+        actual.cpu(), expected, rtol=CUDA_RTOL, atol=CUDA_RTOL * expected.abs().max().item()
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +50,14 @@ def test_logits_features_and_significance_match_reference(golden, golden_model) 
         logits = golden_model(x)
         features = golden_model.forward_intermediates(x, intermediates_only=True)
     assert logits.is_cuda
-    assert_close_relative(logits.cpu(), golden["logits"])
+    assert_close_relative(logits, golden["logits"])
     for ours, reference in zip(features, golden["stage_features"], strict=True):
         if reference.ndim == 3:  # stage 4 is stored as tokens (B, N, C)
             ours = ours.flatten(2).transpose(1, 2)
-        assert_close_relative(ours.cpu(), reference)
+        assert_close_relative(ours, reference)
     maps = golden_model.forward_significance(x)
     for ours, reference in zip(maps, golden["significance"], strict=True):
-        assert_close_relative(ours.flatten(1).cpu(), reference)
+        assert_close_relative(ours.flatten(1), reference)
 
 
 def test_channels_last_input_gives_reference_logits(golden, golden_model) -> None:
@@ -54,7 +65,7 @@ def test_channels_last_input_gives_reference_logits(golden, golden_model) -> Non
     with torch.no_grad():
         logits = golden_model.to(memory_format=torch.channels_last)(x)
     golden_model.to(memory_format=torch.contiguous_format)
-    assert_close_relative(logits.cpu(), golden["logits"])
+    assert_close_relative(logits, golden["logits"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -69,9 +80,14 @@ def test_autocast_stays_near_reference(golden, golden_model, dtype) -> None:
 
 
 def test_training_gradients_equal_the_cpu_ones() -> None:
-    # A padded grid (97 x 131): window, reduction and merge padding all take part.
-    model = timm.create_model("sgformer_nano", num_classes=10).train()
-    x, target = torch.randn(2, 3, 97, 131), torch.tensor([3, 7])
+    # A padded grid (97 x 131): window, reduction and merge padding all take part. The model is
+    # built for that size, so that no position-table resampling (torch's own antialiased
+    # bicubic, whose CPU and CUDA kernels differ) is part of the comparison. In float64: in
+    # float32 a last-bit difference between the devices can swap two nearly tied tokens in the
+    # significance sort, and then a different pair of tokens is merged.
+    model = timm.create_model("sgformer_nano", num_classes=10, img_size=(97, 131))
+    model = model.train().double()
+    x, target = torch.randn(2, 3, 97, 131, dtype=torch.float64), torch.tensor([3, 7])
     grads = []
     for device in ("cpu", "cuda"):
         model.zero_grad()
@@ -80,9 +96,8 @@ def test_training_gradients_equal_the_cpu_ones() -> None:
         grads.append({n: p.grad.cpu() for n, p in model.named_parameters()})
     cpu, cuda = grads
     assert cpu.keys() == cuda.keys()
-    for name in cpu:
-        scale = cpu[name].abs().max().item()
-        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=1e-3 * scale, msg=name)
+    errors = {n: ((cuda[n] - cpu[n]).abs().max() / cpu[n].abs().max()).item() for n in cpu}
+    assert not {n: e for n, e in errors.items() if not e <= 1e-7}
 
 
 def test_compiled_model_matches_eager_without_graph_breaks(golden, golden_model) -> None:
@@ -90,4 +105,4 @@ def test_compiled_model_matches_eager_without_graph_breaks(golden, golden_model)
     compiled = torch.compile(golden_model, fullgraph=True)
     x = golden["input"].cuda()
     with torch.no_grad():
-        assert_close_relative(compiled(x).cpu(), golden["logits"])
+        assert_close_relative(compiled(x), golden["logits"])
