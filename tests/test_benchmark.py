@@ -1,5 +1,6 @@
 """Benchmark command: rows for every model and size, one-line errors for bad input."""
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -13,7 +14,14 @@ import torch
 from torch import nn
 
 from sgformer import benchmark
-from sgformer.benchmark import CSV_COLUMNS, count_macs, run_benchmark, speed_ratios
+from sgformer.benchmark import (
+    CSV_COLUMNS,
+    add_benchmark_arguments,
+    benchmark_options,
+    count_macs,
+    run_benchmark,
+    speed_ratios,
+)
 from sgformer.cli import main
 
 FAST = {"batch_size": 2, "warmup": 1, "repeats": 2}
@@ -199,3 +207,29 @@ def test_page_faults_are_counted_and_keeping_freed_memory_removes_them() -> None
     assert plain_kept is False and kept_flag is True
     assert plain >= 16  # 16384 pages of 4 KiB, or 32 huge pages where the kernel gives them
     assert kept <= plain // 4
+
+
+def test_compile_mode_reaches_torch_compile_and_the_row(monkeypatch) -> None:
+    modes = []
+
+    def record(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser)
+    for flags, mode, label in [
+        (["--compile"], None, "default"),
+        (["--compile", "reduce-overhead", "--mode", "infer"], "reduce-overhead", "reduce-overhead"),
+        ([], None, False),
+    ]:
+        modes.clear()
+        options = benchmark_options(parser.parse_args([*flags, "--img-size", "64", "-b", "1"]))
+        del options["output"]
+        options.update(warmup=1, repeats=1)
+        rows = run_benchmark(["sgformer_nano"], **options)
+        assert rows[0]["compiled"] == label
+        assert modes == ([mode] if flags else [])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile", "fastest"])

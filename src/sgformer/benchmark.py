@@ -277,7 +277,7 @@ def run_benchmark(
     modes: Sequence[str] = ("infer",),
     device: str = "cpu",
     amp: str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     channels_last: bool = False,
     threads: int | None = None,
     keep_freed_memory: bool = False,
@@ -301,7 +301,8 @@ def run_benchmark(
             entropy, backward, AdamW step).
         device: ``cpu``, ``cuda``, ``cuda:1`` ...
         amp: None (float32), ``bf16`` or ``fp16`` autocast.
-        compile: wrap each model in ``torch.compile``.
+        compile: wrap each model in ``torch.compile``; a string is its ``mode``
+            (``reduce-overhead``: CUDA graphs; ``max-autotune`` ...), True the default mode.
         channels_last: models and inputs in channels-last memory format.
         threads: ``torch.set_num_threads`` for the run.
         keep_freed_memory: :func:`retain_freed_memory` first, so no model's steps pay page
@@ -325,7 +326,7 @@ def run_benchmark(
     settings = {
         "device": device,
         "precision": amp or "fp32",
-        "compiled": compile,
+        "compiled": ("default" if compile is True else compile) or False,
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
         "keep_freed_memory": keep_freed_memory,
@@ -428,13 +429,14 @@ def _prepare(
     batch: int,
     device: str,
     amp: str | None,
-    compile: bool,
+    compile: bool | str,
     channels_last: bool,
     warmup: int,
 ) -> Callable[[], None]:
     """The step function of one model, warmed up (compiled, caches filled)."""
     model.train(mode == "train")
-    runnable = torch.compile(model) if compile else model
+    compile_mode = None if compile is True else compile  # None: torch.compile's default
+    runnable = torch.compile(model, mode=compile_mode) if compile else model
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -622,6 +624,11 @@ def benchmark_report(
     return {"rows": rows, "table": format_table(rows), "files": files}
 
 
+# torch.compile's modes; ``reduce-overhead`` replays CUDA graphs, which pays where the host
+# launching kernels is the limit (sgformer's eager training step on a GPU, docs/BENCHMARKS.md).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The measurement options of ``sgformer benchmark``, which the benchmark scripts share."""
     parser.add_argument("--img-size", nargs="+", type=int, default=[224], help="square sides")
@@ -630,7 +637,15 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", nargs="+", choices=MODES, default=["infer"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile each model; optionally its mode: " + ", ".join(COMPILE_MODES),
+    )
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument(
