@@ -121,6 +121,30 @@ def test_training_learns(shapes, tmp_path):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_channels_last_trains_the_same_run(shapes, tmp_path, monkeypatch):
+    seen = []
+    real = engine.train_one_epoch
+
+    def spy(model, *args, **kwargs):
+        stem_weight = next(p for p in model.parameters() if p.ndim == 4)
+        seen.append((stem_weight.is_contiguous(memory_format=torch.channels_last), kwargs))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    runs = {}
+    for flags in ([], ["--channels-last"]):
+        out = tmp_path / ("nhwc" if flags else "nchw")
+        assert main(_train_argv(shapes, out, *PLAIN, "--epochs", "2", *flags)) == 0
+        runs[bool(flags)] = _summary(out)
+    assert [weight_nhwc for weight_nhwc, _ in seen] == [False, False, True, True]
+    formats = [kwargs["memory_format"] for _, kwargs in seen]
+    assert formats == [torch.preserve_format] * 2 + [torch.channels_last] * 2
+    # The same run in another layout: only the convolutions' last bits differ.
+    for plain, nhwc in zip(runs[False], runs[True], strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert float(nhwc[key]) == pytest.approx(float(plain[key]), rel=1e-3), key
+
+
 def test_tar_datasets_read_like_the_folder(shapes, tmp_path, capsys):
     """--dataset tar: ROOT/<split>.tar of <class>/<image>, or ROOT/<split>/<class>.tar."""
     one_tar, per_class = tmp_path / "one_tar", tmp_path / "per_class"

@@ -166,6 +166,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
     add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
     add("--grad-checkpointing", action="store_true", default=None, help="save activation memory")
+    add(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="model and images channels-last (faster convolutions on a GPU)",
+    )
     add("--workers", type=int, help="data loading processes per training process")
     add("--seed", type=int, help="random seed (default 42)")
     add("--output", help="run folder for checkpoints, summary.csv, args.yaml, curves.png")

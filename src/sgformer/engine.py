@@ -163,6 +163,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "amp": False,
     "amp_dtype": None,  # float16 on CUDA, bfloat16 on CPU
     "grad_checkpointing": False,
+    "channels_last": False,
     "workers": min(4, os.cpu_count() or 1),
     "seed": 42,
     "output": "runs/train",
@@ -172,7 +173,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "recipe": None,
 }
 # On --resume these come from the command line; everything else from the checkpoint.
-RESUME_OVERRIDABLE = {"epochs", "output", "workers", "log_interval", "device", "data_dir"}
+# channels_last changes the memory layout only (and the last bits of some convolutions).
+RESUME_OVERRIDABLE = {
+    "epochs",
+    "output",
+    "workers",
+    "log_interval",
+    "device",
+    "data_dir",
+    "channels_last",
+}
 
 
 def resolve_train_args(given: dict[str, Any]) -> argparse.Namespace:
@@ -813,9 +823,10 @@ def train_one_epoch(
     dist_info: Distributed,
     log_interval: int,
     last_checkpoint: Path | None = None,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns loss (mean over all ranks' samples), lr, images/s and
-    the number of unreadable images skipped."""
+    the number of unreadable images skipped. Images go to the device in ``memory_format``."""
     model.train()
     device = dist_info.device
     updates_per_epoch = len(loader)
@@ -824,7 +835,8 @@ def train_one_epoch(
     bar = progress_bar(updates_per_epoch, f"train {epoch}", dist_info.is_main)
     for step, batch in enumerate(_batches(loader)):
         skipped += batch.skipped
-        images, targets = batch.images.to(device), batch.targets.to(device)
+        images = batch.images.to(device, memory_format=memory_format)
+        targets = batch.targets.to(device)
         if mixup is not None and len(images) % 2:  # Mixup pairs samples; only after skips
             images, targets = images[:-1], targets[:-1]
         if len(images) == 0:
@@ -884,6 +896,7 @@ def validate(
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
     desc: str = "val",
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> dict[str, float]:
     """Top-1, top-5 (percent), mean cross-entropy and images/s over every rank's shard."""
     from torchmetrics import MeanMetric
@@ -901,7 +914,8 @@ def validate(
         skipped += batch.skipped
         if len(batch.images) == 0:
             continue
-        images, targets = batch.images.to(device), batch.targets.to(device)
+        images = batch.images.to(device, memory_format=memory_format)
+        targets = batch.targets.to(device)
         with autocast(device, amp, amp_dtype):
             logits = model(images).float()
         mean_loss.update(nn.functional.cross_entropy(logits, targets, reduction="none"))
@@ -1091,7 +1105,10 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
         load_weights(model, args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.to(dist_info.device)
+    # Runs saved before the flag existed have no channels_last.
+    channels_last = getattr(args, "channels_last", False)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model.to(dist_info.device, memory_format=memory_format)
 
     global_batch = args.batch_size * dist_info.world_size
     if args.recipe_lr_scaling and not args.lr_explicit and global_batch != PAPER_GLOBAL_BATCH:
@@ -1197,11 +1214,18 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
             dist_info=dist_info,
             log_interval=args.log_interval,
             last_checkpoint=last_path,
+            memory_format=memory_format,
         )
         scheduler.step(epoch + 1)
         check_ranks_in_sync(model, dist_info)
         metrics = validate(
-            model, val_loader, num_classes, dist_info=dist_info, amp=args.amp, amp_dtype=amp_dtype
+            model,
+            val_loader,
+            num_classes,
+            dist_info=dist_info,
+            amp=args.amp,
+            amp_dtype=amp_dtype,
+            memory_format=memory_format,
         )
         row |= {
             "val_loss": metrics["loss"],
@@ -1218,6 +1242,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
                 amp=args.amp,
                 amp_dtype=amp_dtype,
                 desc="val ema",
+                memory_format=memory_format,
             )
             row |= {"ema_top1": ema_metrics["top1"], "ema_top5": ema_metrics["top5"]}
         history.append(row)
