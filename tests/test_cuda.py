@@ -106,3 +106,27 @@ def test_compiled_model_matches_eager_without_graph_breaks(golden, golden_model)
     x = golden["input"].cuda()
     with torch.no_grad():
         assert_close_relative(compiled(x), golden["logits"])
+
+
+@pytest.mark.parametrize("amp_dtype", ["float16", "bfloat16"])
+def test_training_run_on_the_gpu(tmp_path, amp_dtype) -> None:
+    # The whole `sgformer train` path on CUDA: autocast (float16 with its gradient scaler),
+    # channels-last, EMA, checkpoints; then the checkpoint validates on the GPU.
+    from sgformer.cli import main
+    from sgformer.data import write_shapes_dataset
+
+    data, out = tmp_path / "shapes", tmp_path / "run"
+    write_shapes_dataset(
+        data, num_train=64, num_val=16, img_size=64, num_dense_train=0, num_dense_val=0
+    )
+    argv = ["train", "--data-dir", str(data), "--model", "sgformer_nano", "--img-size", "64"]
+    argv += ["-b", "16", "--epochs", "2", "--warmup-epochs", "1", "--workers", "0"]
+    argv += ["--amp", "--amp-dtype", amp_dtype, "--channels-last", "--model-ema"]
+    argv += ["--device", "cuda", "--output", str(out)]
+    assert main(argv) == 0
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and "nan" not in rows[-1].lower()
+    results = tmp_path / "val.json"
+    argv = ["validate", "--data-dir", str(data), "--checkpoint", str(out / "last.pth")]
+    assert main([*argv, "--device", "cuda", "--results-file", str(results)]) == 0
+    assert results.is_file()
