@@ -332,6 +332,9 @@ def run_benchmark(
         "keep_freed_memory": keep_freed_memory,
     }
     device_error = _device_problem(device)
+    if not device_error and torch.device(device).type == "cuda":
+        # As timm's benchmark.py: cuDNN times its algorithms for each new shape (in warm-up).
+        torch.backends.cudnn.benchmark = True
     built: dict[str, nn.Module | str] = {}
     rows = []
     for mode in modes:
