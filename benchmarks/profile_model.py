@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         help="time each aten call in the step and alone (CPU), instead of torch.profiler",
     )
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available (torch.cuda)")
     if args.kernels and (args.device != "cpu" or args.amp):
         parser.error("--kernels times float32 CPU calls; drop --device and --amp")
     if args.threads:
