@@ -9,10 +9,11 @@
 # training), the CUDA-graph check and the profiles. Each part's output goes to OUT_DIR/*.log;
 # a failing part is reported and the rest still run.
 set -u
-published=${1:?path of the published sgformer.py}
+published=$(realpath "${1:?path of the published sgformer.py}")
 out=${2:?output folder}
 python=${3:-python}
 mkdir -p "$out"
+out=$(realpath "$out")  # both paths hold after the cd below
 cd "$(dirname "$0")/.."
 failed=()
 
