@@ -30,6 +30,7 @@ from sgformer.benchmark import (
     add_benchmark_arguments,
     benchmark_options,
     benchmark_report,
+    report_text,
     speed_ratios,
 )
 from sgformer.model import BLOCK_NORM_EPS, VARIANTS
@@ -74,20 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.published_code.is_file():
         parser.error(f"--published-code: no such file {args.published_code}")
 
-    models, factories = [], {}
-    for variant in args.variants:
-        published = f"published_{variant}"
-        models += [variant, published]
-        factories[published] = partial(load_published, args.published_code, variant)
+    published = {variant: f"published_{variant}" for variant in args.variants}
+    factories = {
+        name: partial(load_published, args.published_code, variant)
+        for variant, name in published.items()
+    }
+    models = [name for pair in published.items() for name in pair]  # each beside its published
     report = benchmark_report(
         [*models, *args.peers], factories=factories, **benchmark_options(args)
     )
     ratios = [
         line
-        for variant in args.variants
-        for line in speed_ratios(report["rows"], variant, [f"published_{variant}", *args.peers])
+        for variant, name in published.items()
+        for line in speed_ratios(report["rows"], variant, [name, *args.peers])
     ]
-    print("\n".join([report["table"], *ratios, *(f"wrote {p}" for p in report["files"])]))
+    print(report_text(report, ratios))
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import AMP_DTYPES, make_step
+from sgformer.benchmark import AMP_DTYPES, amp_autocast, make_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_published import load_published  # noqa: E402
@@ -31,7 +31,7 @@ from compare_published import load_published  # noqa: E402
 
 def graph_replay(model: nn.Module, x: torch.Tensor, amp: str | None) -> Callable[[], None]:
     """The inference forward captured in a CUDA graph; calling it replays the graph."""
-    autocast = partial(torch.autocast, "cuda", dtype=AMP_DTYPES.get(amp), enabled=amp is not None)
+    autocast = partial(amp_autocast, "cuda", amp)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.inference_mode(), autocast():

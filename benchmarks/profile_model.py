@@ -32,7 +32,13 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import AMP_DTYPES, make_step, minor_page_faults, retain_freed_memory
+from sgformer.benchmark import (
+    AMP_DTYPES,
+    device_problem,
+    make_step,
+    minor_page_faults,
+    retain_freed_memory,
+)
 
 ROW_LIMIT = 25
 
@@ -166,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         help="time each aten call in the step and alone (CPU), instead of torch.profiler",
     )
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is available (torch.cuda)")
+    if problem := device_problem(args.device):
+        parser.error(f"--device: {problem}")
     if args.kernels and (args.device != "cpu" or args.amp):
         parser.error("--kernels times float32 CPU calls; drop --device and --amp")
     if args.threads:

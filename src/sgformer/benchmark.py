@@ -2,7 +2,6 @@
 images/s, latency and peak memory measured side by side (docs/BENCHMARKS.md)."""
 
 import argparse
-import contextlib
 import csv
 import ctypes
 import gc
@@ -140,6 +139,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 2**30
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The process's glibc, None where the C library is another one."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def retain_freed_memory() -> bool:
     """Make glibc keep freed memory in this process instead of returning it to the OS.
 
@@ -153,21 +160,21 @@ def retain_freed_memory() -> bool:
     Returns:
         False where the C library is not glibc (nothing changed).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
-            and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
-        )
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+        and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+    )
 
 
 def _release_free_memory() -> None:
     """Hand freed heap back to the OS so an RSS delta measures the next step, not old garbage."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class _PeakRss:
@@ -211,6 +218,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def amp_autocast(device_type: str, amp: str | None) -> torch.autocast:
+    """Autocast to ``amp`` (a key of ``AMP_DTYPES``) on ``device_type``; off for None."""
+    return torch.autocast(device_type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None)
+
+
 def make_step(
     model: nn.Module,
     mode: str,
@@ -220,9 +232,7 @@ def make_step(
     """One timed unit: an inference forward, or a training step (forward, loss, backward,
     fused AdamW update); also what ``benchmarks/profile_model.py`` profiles."""
     device = x.device
-    autocast = partial(
-        torch.autocast, device_type=device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None
-    )
+    autocast = partial(amp_autocast, device.type, amp)
     if mode == "infer":
 
         def infer() -> None:
@@ -331,7 +341,7 @@ def run_benchmark(
         "threads": torch.get_num_threads(),
         "keep_freed_memory": keep_freed_memory,
     }
-    device_error = _device_problem(device)
+    device_error = device_problem(device)
     if not device_error and torch.device(device).type == "cuda":
         # As timm's benchmark.py: cuDNN times its algorithms for each new shape (in warm-up).
         torch.backends.cudnn.benchmark = True
@@ -383,7 +393,8 @@ def run_benchmark(
     return rows
 
 
-def _device_problem(device: str) -> str | None:
+def device_problem(device: str) -> str | None:
+    """A one-line reason ``device`` cannot run here, None where it can."""
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
@@ -501,10 +512,13 @@ def speed_ratios(
     return lines
 
 
-def report_text(report: dict[str, Any]) -> str:
-    """What the benchmark commands print: table, speed ratios, files written."""
+def report_text(report: dict[str, Any], ratios: Sequence[str] | None = None) -> str:
+    """What the benchmark commands print: table, speed ratios (default the first model's over
+    the others, :func:`speed_ratios`), files written."""
+    if ratios is None:
+        ratios = speed_ratios(report["rows"])
     files = [f"wrote {path}" for path in report["files"]]
-    return "\n".join([report["table"], *speed_ratios(report["rows"]), *files])
+    return "\n".join([report["table"], *ratios, *files])
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
