@@ -1,7 +1,11 @@
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+
+import sgformer  # noqa: F401  (registers the models with timm)
+from sgformer.model import checkpoint_filter_fn
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
 # SPEC "Reference data": within 1e-4 relative error in float32, measured against the scale of
@@ -9,9 +13,12 @@ GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
 GOLDEN_RTOL = 1e-4
 
 
-def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def assert_close_relative(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = GOLDEN_RTOL
+) -> None:
+    """``actual`` (on any device) within ``rtol`` of ``expected``, relative to its scale."""
     torch.testing.assert_close(
-        actual, expected, rtol=GOLDEN_RTOL, atol=GOLDEN_RTOL * expected.abs().max().item()
+        actual.to(expected.device), expected, rtol=rtol, atol=rtol * expected.abs().max().item()
     )
 
 
@@ -21,6 +28,16 @@ def golden() -> dict:
     path = GOLDEN_DIR / "sgformer_tiny_ref.pt"
     assert path.is_file(), f"golden reference missing: {path} (../shared must sit beside the repo)"
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden: dict) -> torch.nn.Module:
+    """sgformer_nano with the reference run's weights, in eval mode, on the CPU."""
+    model = timm.create_model("sgformer_nano").eval()
+    config = golden["config"]
+    assert list(config["embed_dims"]) == [f["num_chs"] for f in model.feature_info]
+    model.load_state_dict(checkpoint_filter_fn(dict(golden["state_dict"]), model), strict=True)
+    return model
 
 
 @pytest.fixture(autouse=True)

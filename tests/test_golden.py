@@ -11,15 +11,6 @@ from conftest import GOLDEN_DIR, assert_close_relative
 from sgformer.model import checkpoint_filter_fn
 
 
-@pytest.fixture(scope="module")
-def golden_model(golden: dict) -> torch.nn.Module:
-    model = timm.create_model("sgformer_nano").eval()
-    config = golden["config"]
-    assert list(config["embed_dims"]) == [f["num_chs"] for f in model.feature_info]
-    model.load_state_dict(checkpoint_filter_fn(dict(golden["state_dict"]), model), strict=True)
-    return model
-
-
 def test_logits_match_reference(golden: dict, golden_model: torch.nn.Module) -> None:
     with torch.no_grad():
         logits = golden_model(golden["input"])
