@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+import sgformer.model
 from sgformer import benchmark
 from sgformer.benchmark import (
     CSV_COLUMNS,
@@ -25,6 +27,15 @@ from sgformer.benchmark import (
 from sgformer.cli import main
 
 FAST = {"batch_size": 2, "warmup": 1, "repeats": 2}
+
+
+def load_benchmark_script(name: str):
+    """A script of benchmarks/ as a module."""
+    script = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_cli_reports_good_rows_beside_bad_input(tmp_path, capsys) -> None:
@@ -79,10 +90,7 @@ def sgformer_nano(pretrained=False, **kwargs):
 
 
 def test_compare_published_runs_the_given_file_beside_ours(tmp_path, capsys) -> None:
-    script = Path(__file__).parents[1] / "benchmarks" / "compare_published.py"
-    spec = importlib.util.spec_from_file_location("compare_published", script)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_benchmark_script("compare_published")
     published = tmp_path / "published_sgformer.py"
     published.write_text(STAND_IN_PUBLISHED)
     status = compare.main(
@@ -164,6 +172,35 @@ def test_macs_grow_with_image_area() -> None:
     small = count_macs(model, torch.randn(1, 3, 32, 32))["total"]
     large = count_macs(model, torch.randn(1, 3, 64, 64))["total"]
     assert small == 32 * 32 * 8 * 27 and large == 4 * small
+
+
+def test_macs_by_part_split_each_stage_list() -> None:
+    swin = SwinTransformer(
+        img_size=32, window_size=2, embed_dim=8, depths=(1, 1), num_heads=(1, 1), num_classes=3
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    macs = count_macs(swin, x)
+    assert set(macs["by_module"]) == {"patch_embed", "layers.0", "layers.1", "norm", "head"}
+    assert sum(macs["by_module"].values()) == macs["total"]
+    with torch.no_grad():
+        stage_input = swin.layers[0](swin.patch_embed(x))
+    assert macs["by_module"]["layers.1"] == count_macs(swin.layers[1], stage_input)["total"]
+
+
+def test_stage_times_add_up_to_the_forward_and_count_grouped_calls(monkeypatch) -> None:
+    stages = load_benchmark_script("stage_efficiency")
+    monkeypatch.setattr(sgformer.model, "INFERENCE_GROUP_BYTES", 1)  # two groups of two images
+    rows = stages.measure(["sgformer_nano"], img_size=64, batch_size=4, repeats=1)
+    by_part = {row.part: row for row in rows["sgformer_nano"]}
+    model = timm.create_model("sgformer_nano").eval()
+    assert list(by_part) == [*stages.model_parts(model), "between parts", "forward"]
+    grouped = ["stem"] + [f"stages.{i}" for i in range(sgformer.model.GROUPED_STAGES)]
+    assert [by_part[part].calls for part in grouped] == [2] * len(grouped)
+    assert by_part["stages.3"].calls == 1
+    parts_ms = sum(row.ms for row in rows["sgformer_nano"][:-1])
+    assert parts_ms == pytest.approx(by_part["forward"].ms)
+    total = count_macs(model, torch.randn(1, 3, 64, 64))["total"]
+    assert by_part["forward"].gmacs == pytest.approx(total / 1e9)
 
 
 # Allocates and frees 64 MiB in every step: above glibc's largest mmap threshold, so each step

@@ -39,6 +39,17 @@ _EXTRA_FORMULAS = {
 }
 
 
+# timm's names for a model's list of stages: ``stages`` in most models, ``layers`` in Swin.
+STAGE_LISTS = ("stages", "layers")
+
+
+def model_part(module_name: str) -> str:
+    """The top-level part of a model that a submodule belongs to, a stage list split by
+    stage: ``stages.2.blocks.0.mlp`` -> ``stages.2``, ``stem.conv1`` -> ``stem``."""
+    parts = module_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in STAGE_LISTS else parts[0]
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Multiply-accumulates of one forward pass of ``model`` on ``x``.
@@ -47,8 +58,9 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     (FLOPs halved); LayerNorm/GroupNorm add ``NORM_MACS_PER_ELEMENT`` per input element.
 
     Returns:
-        ``{"total": int, "by_module": {name: int}}`` with the first two levels of module
-        names (e.g. ``stem``, ``stages.0``, ``head``).
+        ``{"total": int, "by_module": {name: int}}`` per top-level part of the model, its
+        stage lists (``STAGE_LISTS``) split by stage: ``stem``, ``stages.0``, ..., ``head``
+        (Swin-T: ``patch_embed``, ``layers.0``, ...).
     """
     norm_macs: dict[str, int] = defaultdict(int)
     hooks = []
@@ -69,16 +81,14 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     by_module: dict[str, int] = defaultdict(int)
     root = type(model).__name__
     for name, ops in counter.get_flop_counts().items():
-        parts = name.split(".")
-        if parts[0] != root or len(parts) < 2:
-            continue
-        key = ".".join(parts[1:3]) if parts[1] == "stages" else parts[1]
-        if len(parts) == 2 or parts[1] == "stages" and len(parts) == 3:
-            by_module[key] += sum(ops.values()) // 2
+        # Counts nest (a module's include its children's): take each part's own total once,
+        # not a stage list's (a called ``nn.Sequential``) nor the root's.
+        owner, _, module_name = name.partition(".")
+        part = model_part(module_name)
+        if owner == root and part == module_name and part not in ("", *STAGE_LISTS):
+            by_module[part] += sum(ops.values()) // 2
     for name, macs in norm_macs.items():
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "stages" else parts[0]
-        by_module[key] += macs
+        by_module[model_part(name)] += macs
     total = counter.get_total_flops() // 2 + sum(norm_macs.values())
     return {"total": total, "by_module": dict(by_module)}
 
