@@ -24,21 +24,15 @@ import torch
 from torch import nn
 
 import sgformer  # noqa: F401  (registers the models with timm)
-from sgformer.benchmark import STAGE_LISTS, count_macs, retain_freed_memory
+from sgformer.benchmark import count_macs, is_model_part, retain_freed_memory
 
 DEFAULT_MODELS = ("sgformer_s", "swin_tiny_patch4_window7_224")
 WARMUP = 2  # forwards per model before the timed ones
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
-    """Top-level parts in call order, stage lists split by stage (``count_macs``'s names)."""
-    parts = {}
-    for name, child in model.named_children():
-        if name in STAGE_LISTS:
-            parts |= {f"{name}.{i}": stage for i, stage in enumerate(child)}
-        else:
-            parts[name] = child
-    return parts
+    """Top-level parts in call order, named as ``count_macs`` names them."""
+    return {name: module for name, module in model.named_modules() if is_model_part(name)}
 
 
 class PartTimer:
@@ -153,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        retain_freed_memory()
+    if args.keep_freed_memory and not retain_freed_memory():
+        print("--keep-freed-memory needs glibc's mallopt; measuring without it")
     results = measure(args.models, args.img_size, args.batch_size, args.repeats)
     print(
         f"inference, batch {args.batch_size}, {args.img_size} px, "

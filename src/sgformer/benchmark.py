@@ -50,6 +50,12 @@ def model_part(module_name: str) -> str:
     return ".".join(parts[:2]) if parts[0] in STAGE_LISTS else parts[0]
 
 
+def is_model_part(module_name: str) -> bool:
+    """Whether a submodule is itself a top-level part (``stem``, ``stages.2``), not inside
+    one, nor the root (``""``) or a whole stage list."""
+    return model_part(module_name) == module_name and module_name not in ("", *STAGE_LISTS)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Multiply-accumulates of one forward pass of ``model`` on ``x``.
@@ -84,9 +90,8 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         # Counts nest (a module's include its children's): take each part's own total once,
         # not a stage list's (a called ``nn.Sequential``) nor the root's.
         owner, _, module_name = name.partition(".")
-        part = model_part(module_name)
-        if owner == root and part == module_name and part not in ("", *STAGE_LISTS):
-            by_module[part] += sum(ops.values()) // 2
+        if owner == root and is_model_part(module_name):
+            by_module[module_name] += sum(ops.values()) // 2
     for name, macs in norm_macs.items():
         by_module[model_part(name)] += macs
     total = counter.get_total_flops() // 2 + sum(norm_macs.values())
