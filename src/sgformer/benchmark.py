@@ -10,7 +10,7 @@ import os
 import statistics
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,6 +20,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 _logger = logging.getLogger(__name__)
@@ -96,6 +98,67 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         by_module[model_part(name)] += macs
     total = counter.get_total_flops() // 2 + sum(norm_macs.values())
     return {"total": total, "by_module": dict(by_module)}
+
+
+# Operators that only relabel memory: the view ops, plus the view-like ones whose schema does not
+# say so (``_unsafe_view`` is a reshape's view under autograd).
+_VIEW_LIKE_OPERATORS = frozenset({"_unsafe_view", "detach", "alias", "lift_fresh"})
+
+
+class _OperatorCounter(TorchDispatchMode):
+    """Counts aten calls that run a kernel (views excluded) and the bytes their outputs hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.bytes_written = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _VIEW_LIKE_OPERATORS:
+            self.calls[name] += 1
+            self.bytes_written += sum(
+                t.nbytes for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+            )
+        return out
+
+
+def count_operators(model: nn.Module, x: torch.Tensor, mode: str) -> dict[str, Any]:
+    """Operator calls and bytes written by one inference forward (``infer``, under
+    ``torch.inference_mode``) or one training forward and backward (``train``: cross-entropy
+    on random labels, model in train mode; no optimiser step) of ``model`` on ``x``.
+
+    Each aten call is a kernel launch on a GPU and a dispatch plus a pass over memory on a CPU.
+    Counts do not depend on timing, so a test can hold them to a ceiling. A warm-up step runs
+    first, so one-off work (lazy buffers, first-call caches) is not counted.
+
+    Returns:
+        ``{"calls": int, "bytes": int, "by_operator": {aten name: calls}}``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    model.train(mode == "train")
+    num_classes = getattr(model, "num_classes", 1000) or 1000
+    target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
+
+    def step() -> None:
+        if mode == "infer":
+            with torch.inference_mode():
+                model(x)
+            return
+        F.cross_entropy(model(x), target).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    counter = _OperatorCounter()
+    with counter:
+        step()
+    return {
+        "calls": sum(counter.calls.values()),
+        "bytes": counter.bytes_written,
+        "by_operator": dict(counter.calls.most_common()),
+    }
 
 
 MODES = ("infer", "train")
