@@ -4,12 +4,11 @@
 
 For each model, the time of every top-level part (stem, each stage, head; Swin-T's
 ``patch_embed`` and ``layers.i``) in one inference forward, from forward hooks (summed over
-the calls of a part: SG-Former runs its stem and first stages once per group of images on the
-CPU), beside the part's multiply-adds (``sgformer.benchmark.count_macs``). The forwards take
-turns over the models, so load from other processes hits all of them alike; each part's time
-is its median over the repeats. A part's GMAC/s tells whether it is slow because it computes
-much or because it computes slowly; "between parts" is the rest of the forward (SG-Former:
-the position table, the regrouping of the batch).
+the calls of a part), beside the part's multiply-adds (``sgformer.benchmark.count_macs``).
+The forwards take turns over the models, so load from other processes hits all of them alike;
+each part's time is its median over the repeats. A part's GMAC/s tells whether it is slow
+because it computes much or because it computes slowly; "between parts" is the rest of the
+forward (SG-Former: the position table).
 """
 
 import argparse

@@ -24,9 +24,11 @@ from sgformer.model import checkpoint_filter_fn
 
 FLOAT64_RTOL = 1e-10
 FLOAT32_ERROR_FACTOR = 2.0
-# Errors of the eager bfloat16 autocast path against the float64 reference at commit b073e65
-# (before the contract replaced bit-exact float32 equivalence), rounded up in the second digit.
-BFLOAT16_ERRORS = {
+# Errors of the eager bfloat16 autocast path against the float64 reference at commit b073e65,
+# before the contract replaced bit-exact float32 equivalence (rounded up in the second digit).
+# bfloat16 keeps 8 bits, and any change in the order of operations moves these errors by up to
+# a quarter either way (another token order in the significance sort), so the bound is 1.5x.
+BFLOAT16_ERRORS_B073E65 = {
     "logits": 6.2e-3,
     "input_grad": 3.2e-2,
     "param_grad_norm": 3.6e-4,
@@ -38,6 +40,7 @@ BFLOAT16_ERRORS = {
     "significance1": 5.7e-3,
     "significance2": 5.6e-3,
 }
+BFLOAT16_ERROR_FACTOR = 1.5
 PADDED_SIZE = (97, 131)  # pads for the 7x7 windows and every reduction
 
 
@@ -139,11 +142,8 @@ def test_bfloat16_autocast_within_the_eager_bfloat16_error(reference64, model32)
     ours = run_model(model32, reference64["input"], autocast=True)
     assert ours["logits"].dtype == torch.bfloat16
     errors = errors_against(ours, reference_tensors(reference64))
-    over = {
-        k: f"{errors[k]:.3g} > {BFLOAT16_ERRORS[k]}"
-        for k in errors
-        if errors[k] > BFLOAT16_ERRORS[k]
-    }
+    bounds = {k: BFLOAT16_ERROR_FACTOR * v for k, v in BFLOAT16_ERRORS_B073E65.items()}
+    over = {k: f"{errors[k]:.3g} > {bounds[k]:.3g}" for k in errors if errors[k] > bounds[k]}
     assert not over, over
 
 

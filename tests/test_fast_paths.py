@@ -1,14 +1,11 @@
 """The fast attention and MLP paths against a plain transcription of SPEC "Attention".
 
-The model runs fused products in inference (one matrix product for every linear that reads a
-block's input; one per group of them under autograd), adds attention outputs straight into
-the LePE buffer, gathers the column-major sequence without copying the tokens, chunks large
-global attention, applies GELU in place and runs the stem and first two stages of a large CPU
-inference batch in groups of images, and under autograd runs the stem channels-last and the
-MLP's ``h + dwconv(h)`` as one convolution. The references below compute the same thing layer
-by layer, one linear at a time, as the published code does; the fast paths must give the same
-outputs, significance maps and gradients, also on padded grids.
-Golden data (tests/test_golden.py) covers the published outputs themselves.
+The model fuses the projections the published layout splits, adds attention outputs straight
+into the LePE buffer, chunks large global attention, applies GELU in place, and under autograd
+runs the stem channels-last and the MLP's ``h + dwconv(h)`` as one convolution. The references
+below compute the same thing layer by layer, one linear at a time, as the published code does;
+the fast paths must give the same outputs, significance maps and gradients, also on padded
+grids. The accuracy contract (tests/test_contract.py) covers the published outputs themselves.
 """
 
 import pytest
@@ -31,6 +28,11 @@ from sgformer.reallocation import key_importance, reallocate_tokens
 SIZES = [(224, 224), (97, 131)]  # a grid every window and reduction divides; one padded
 
 
+def _rows(layer, start, stop):
+    """Output rows [start, stop) of a fused linear as the (weight, bias) of a layer alone."""
+    return layer.weight[start:stop], layer.bias[start:stop]
+
+
 def _lepe(attn, x, grid):
     B, N, C = x.shape
     spatial = attn.lepe_linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
@@ -43,7 +45,7 @@ def _hybrid_reference(attn, x, grid):
     d, hg, hl = attn.head_dim, attn.global_heads, attn.local_heads
     # Global heads over the sr-reduced, zero-padded grid.
     sr = attn.sr_ratio
-    q = attn.q_global(x).reshape(B, N, hg, d).transpose(1, 2)  # B, hg, N, d
+    q = F.linear(x, *_rows(attn.qkv, 0, hg * d)).reshape(B, N, hg, d).transpose(1, 2)
     pad_h, pad_w = grid_padding(H, W, sr)
     spatial = F.pad(x.transpose(1, 2).reshape(B, C, H, W), (0, pad_w, 0, pad_h))
     reduced = attn.reduce(spatial)  # B, C, Hr, Wr
@@ -58,7 +60,7 @@ def _hybrid_reference(attn, x, grid):
     w = attn.window_size
     padding = grid_padding(H, W, w)
     Hp, Wp = H + padding[0], W + padding[1]
-    qkv = torch.cat([attn.q_local(x), attn.kv_local(x)], dim=-1).reshape(B, H, W, -1)
+    qkv = F.linear(x, *_rows(attn.qkv, hg * d, (hg + 3 * hl) * d)).reshape(B, H, W, -1)
     windows = window_partition(pad_grid(qkv, padding), w)  # B*nW, w*w, 3*hl*d
     q, k, v = windows.reshape(-1, w * w, 3, hl, d).permute(2, 0, 3, 1, 4).unbind(0)
     scores = (q * attn.scale) @ k.transpose(-2, -1)  # B*nW, hl, w*w, w*w
@@ -77,16 +79,15 @@ def _hybrid_reference(attn, x, grid):
 
 def _guided_reference(attn, x, grid, significance):
     B, N, C = x.shape
-    H, W = grid
     heads, d, half = attn.num_heads, attn.head_dim, attn.num_heads // 2
     merges = [(m.weight, m.bias) for m in attn.merge]
-    first = reallocate_tokens(x, significance, attn.buckets, merges)
-    x_cols = x.view(B, H, W, C).transpose(1, 2).reshape(B, N, C)  # B, N, C column-major
-    s_cols = significance.view(B, H, W).transpose(1, 2).reshape(B, N)
-    last = reallocate_tokens(x_cols, s_cols, attn.buckets, merges)
-    M = first.shape[1]
-    k_first, v_first = attn.kv_first(first).reshape(B, M, 2, half, d).permute(2, 0, 3, 1, 4)
-    k_last, v_last = attn.kv_last(last).reshape(B, M, 2, heads - half, d).permute(2, 0, 3, 1, 4)
+    merged = reallocate_tokens(x, significance, attn.buckets, merges)
+    M = merged.shape[1]
+    # The published layer's two projections, one per half of the heads, each keys then values.
+    kv_first = [torch.cat([t[: C // 2], t[C : C + C // 2]]) for t in (attn.kv.weight, attn.kv.bias)]
+    kv_last = [torch.cat([t[C // 2 : C], t[C + C // 2 :]]) for t in (attn.kv.weight, attn.kv.bias)]
+    k_first, v_first = F.linear(merged, *kv_first).reshape(B, M, 2, half, d).permute(2, 0, 3, 1, 4)
+    k_last, v_last = F.linear(merged, *kv_last).reshape(B, M, 2, half, d).permute(2, 0, 3, 1, 4)
     q = attn.q(x).reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
     k, v = torch.cat([k_first, k_last], dim=1), torch.cat([v_first, v_last], dim=1)
     out = F.scaled_dot_product_attention(q, k, v)  # B, heads, N, d
@@ -96,8 +97,9 @@ def _guided_reference(attn, x, grid, significance):
 def _global_reference(attn, x, grid):
     B, N, C = x.shape
     heads = attn.num_heads
-    q = attn.q(x).reshape(B, N, heads, -1).transpose(1, 2)  # B, heads, N, d
-    k, v = attn.kv(x).reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q = F.linear(x, *_rows(attn.qkv, 0, C)).reshape(B, N, heads, -1).transpose(1, 2)
+    kv = F.linear(x, *_rows(attn.qkv, C, 3 * C))  # B, N, 2C
+    k, v = kv.reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
     return attn.proj(out + _lepe(attn, x, grid))
 
@@ -177,48 +179,6 @@ def test_chunked_global_attention_equals_whole(model, monkeypatch) -> None:
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     for a, b in zip(chunked_parts, whole_parts, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def _count_stem_calls(model, monkeypatch) -> list[int]:
-    batches = []
-    stem_forward = type(model.stem).forward
-
-    def counting(stem, x):
-        batches.append(x.shape[0])
-        return stem_forward(stem, x)
-
-    monkeypatch.setattr(type(model.stem), "forward", counting)
-    return batches
-
-
-def test_inference_in_image_groups_equals_whole_batch(model, monkeypatch) -> None:
-    x = torch.randn(7, 3, 96, 80)
-    batches = _count_stem_calls(model, monkeypatch)
-    with torch.no_grad():
-        monkeypatch.setattr(sgformer.model, "INFERENCE_GROUP_BYTES", 2**40)
-        whole = model.forward_intermediates(x)
-        monkeypatch.setattr(sgformer.model, "INFERENCE_GROUP_BYTES", 1)
-        grouped = model.forward_intermediates(x)
-    assert batches == [7, 3, 2, 2]  # groups of at least two images, never one
-    # A group computes what its images give as a batch of their own: the same values up to the
-    # rounding by which kernels already differ between batch sizes.
-    torch.testing.assert_close(grouped[0], whole[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(grouped[1], whole[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_image_groups_only_where_they_pay(monkeypatch) -> None:
-    with torch.device("meta"):
-        model = timm.create_model("sgformer_s").eval()
-    batch = torch.empty(16, 3, 224, 224)
-    # 16 x 3.2 MB stem maps at 224 px: four groups of four images under the 16 MiB budget.
-    with torch.no_grad():
-        assert model._inference_groups(batch) == 4
-        assert model._inference_groups(batch[:2]) == 1  # no one-image groups
-        assert model._inference_groups(torch.empty(16, 3, 64, 64)) == 1  # small enough
-    assert model._inference_groups(batch) == 1  # autograd keeps the whole batch
-    with torch.no_grad():
-        assert model._inference_groups(batch.to("meta")) == 1  # not on accelerators
 
 
 def test_training_stem_equals_inference_stem(model) -> None:

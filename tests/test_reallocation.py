@@ -120,9 +120,10 @@ def test_key_importance_averages_real_queries_only() -> None:
     attn = torch.softmax(torch.randn(2, 3, 4, 5), dim=-1)  # B, h, Nq, Nk
     mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
     importance = key_importance(attn, mask)
-    torch.testing.assert_close(importance[0], attn[0, :, :2].mean(dim=(0, 1)))
-    torch.testing.assert_close(importance[1], attn[1].mean(dim=(0, 1)))
-    torch.testing.assert_close(importance.sum(-1), torch.ones(2))
+    assert importance.dtype == torch.float64  # significance_dtype: the sort ranks these sums
+    torch.testing.assert_close(importance[0], attn[0, :, :2].double().mean(dim=(0, 1)))
+    torch.testing.assert_close(importance[1], attn[1].double().mean(dim=(0, 1)))
+    torch.testing.assert_close(importance.sum(-1), torch.ones(2, dtype=torch.float64))
 
 
 def _gradcheck(module: torch.nn.Module, call, inputs: tuple, param_names: list[str]) -> None:
@@ -146,7 +147,7 @@ def test_gradcheck_hybrid_scale_attention_with_padding() -> None:
         out, (global_part, local_part) = functional_call(attn, values, (x, (9, 10)))
         return out
 
-    _gradcheck(attn, call, (x,), ["reduce.weight", "kv_local.weight", "q_global.weight"])
+    _gradcheck(attn, call, (x,), ["reduce.weight", "qkv.weight", "kv_global.weight"])
 
 
 def test_gradcheck_self_guided_attention_through_sort_and_partial_merge() -> None:
@@ -162,7 +163,7 @@ def test_gradcheck_self_guided_attention_through_sort_and_partial_merge() -> Non
     def call(values, x):
         return functional_call(attn, values, (x, (9, 10), significance))
 
-    _gradcheck(attn, call, (x,), ["merge.0.weight", "merge.2.weight", "kv_last.weight"])
+    _gradcheck(attn, call, (x,), ["merge.0.weight", "merge.2.weight", "kv.weight"])
 
 
 def nano(**kwargs) -> torch.nn.Module:
@@ -193,7 +194,7 @@ def test_single_scale_attention_ablation() -> None:
     local = nano(attention="local", significance="local")
     block = local.stages[0].blocks[0].attn
     assert block.global_heads == 0 and not hasattr(block, "reduce")
-    assert block.q_local.out_features == 32
+    assert block.qkv.out_features == 3 * 32  # queries, keys and values of both heads
     maps = local.forward_significance(x, return_parts=True)
     assert all(m["global"] is None and m["local"] is not None for m in maps)
     global_only = nano(attention="global", significance="global")

@@ -33,9 +33,9 @@ from .layers import (
     add_into,
     conv_on_grid,
     crop_grid,
+    dropout_or_identity,
     grid_map,
     grid_padding,
-    input_products,
     pad_grid,
     padding_needed,
     resample_position_table,
@@ -48,12 +48,11 @@ from .layers import (
 from .reallocation import (
     SIGNIFICANCE_SOURCES,
     buckets_for,
-    column_major_order,
     combine_significance,
     key_importance,
-    merge_in_order,
     merged_token_counts,
-    significance_order,
+    reallocate_tokens,
+    significance_dtype,
     token_allocation,
 )
 
@@ -70,13 +69,6 @@ ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the 
 # block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Traced
 # graphs (compiled, exported) take the unchunked path: the size test would fix their size.
 GLOBAL_ATTENTION_CHUNK = 2**24
-# In CPU inference the stem and the first GROUPED_STAGES stages run on groups of images whose
-# largest activation (the stem's half-resolution maps, the first MLP's hidden layer) stays
-# under INFERENCE_GROUP_BYTES. glibc's malloc serves blocks over 32 MiB by a fresh mmap each
-# time, and touching those new pages cost about 1 ns per float here: a fifth of sgformer_s's
-# batch-16 inference time (docs/profile.md).
-INFERENCE_GROUP_BYTES = 16 * 2**20
-GROUPED_STAGES = 2
 
 
 class HybridScaleAttention(nn.Module):
@@ -107,32 +99,22 @@ class HybridScaleAttention(nn.Module):
         self.window_size = window_size
         self.global_heads = {"hybrid": num_heads // 2, "global": num_heads, "local": 0}[mode]
         self.local_heads = num_heads - self.global_heads
+        self.global_dim = self.global_heads * self.head_dim
+        self.local_dim = self.local_heads * self.head_dim
+        # Everything the block input gives in one product: the global heads' queries, then the
+        # local heads' queries, keys and values (the published q1, q2 and kv2, fused:
+        # docs/published_code.md).
+        self.qkv = nn.Linear(dim, self.global_dim + 3 * self.local_dim, bias=qkv_bias, **dd)
         if self.global_heads:
-            global_dim = self.global_heads * self.head_dim
-            self.q_global = nn.Linear(dim, global_dim, bias=qkv_bias, **dd)
             self.reduce = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, **dd)
             self.reduce_norm = nn.LayerNorm(dim, eps=REDUCE_NORM_EPS, **dd)
             self.reduce_act = GELU()
-            self.kv_global = nn.Linear(dim, 2 * global_dim, bias=qkv_bias, **dd)
-        if self.local_heads:
-            local_dim = self.local_heads * self.head_dim
-            self.q_local = nn.Linear(dim, local_dim, bias=qkv_bias, **dd)
-            self.kv_local = nn.Linear(dim, 2 * local_dim, bias=qkv_bias, **dd)
+            self.kv_global = nn.Linear(dim, 2 * self.global_dim, bias=qkv_bias, **dd)
         self.lepe_linear = nn.Linear(dim, dim, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop = dropout_or_identity(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def _input_groups(self) -> list[list[nn.Linear]]:
-        """The linears that read the block input: LePE, global queries, and local queries with
-        their keys and values (adjacent: one q|k|v slice for the windows); empty for a scale
-        the block does not have."""
-        return [
-            [self.lepe_linear],
-            [self.q_global] if self.global_heads else [],
-            [self.q_local, self.kv_local] if self.local_heads else [],
-        ]
+        self.proj_drop = dropout_or_identity(proj_drop)
 
     def _global(
         self, x: torch.Tensor, q: torch.Tensor, grid: tuple[int, int]
@@ -144,13 +126,12 @@ class HybridScaleAttention(nn.Module):
             q: (B, N, hg*d) queries.
 
         Returns:
-            (B, N, hg, d) output (a strided view where possible) and (B, N) attention
-            received per token.
+            (B, hg, N, d) output and (B, N) attention received per token.
         """
         B, N, C = x.shape
         H, W = grid
         sr, heads, d = self.sr_ratio, self.global_heads, self.head_dim
-        q = q.reshape(B, N, heads, d).transpose(1, 2)  # B, hg, N, d
+        q = q.unflatten(-1, (heads, d)).transpose(1, 2)  # B, hg, N, d
         padding = grid_padding(H, W, sr)
         spatial = grid_map(x, grid)  # B, C, H, W
         if padding_needed(padding):
@@ -160,28 +141,30 @@ class HybridScaleAttention(nn.Module):
         reduced = self.reduce(spatial)  # B, C, Hr, Wr
         Hr, Wr = reduced.shape[-2:]
         reduced = self.reduce_act(self.reduce_norm(reduced.flatten(2).transpose(1, 2)))  # B, M, C
-        kv = self.kv_global(reduced).reshape(B, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)  # B, hg, M, d each
+        kv = self.kv_global(reduced).unflatten(-1, (2, heads, d))  # B, M, 2, hg, d
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # B, hg, M, d each
         M = k.shape[2]
+        # The softmax scale goes on the M keys rather than the N queries: fewer multiplies.
+        keys = k.transpose(-2, -1) * self.scale  # B, hg, d, M
         # The (B, hg, N, M) probabilities are needed for the significance map, so no fused
         # kernel; past a size, queries go in chunks and only per-key sums are kept.
         if sizes_are_symbolic() or heads * N * M <= GLOBAL_ATTENTION_CHUNK:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, N, M
+            attn = (q @ keys).softmax(dim=-1)  # B, hg, N, M
             received = key_importance(attn)  # B, M
-            out = (self.attn_drop(attn) @ v).transpose(1, 2)  # B, N, hg, d
+            out = self.attn_drop(attn) @ v  # B, hg, N, d
         else:
-            received, outs = q.new_zeros(B, M), []
+            received = q.new_zeros(B, M, dtype=significance_dtype(q.device))
+            outs = []
             chunk = max(1, GLOBAL_ATTENTION_CHUNK // (heads * M))  # queries per chunk
             for start in range(0, N, chunk):
-                part = q[:, :, start : start + chunk]  # B, hg, n, d
-                attn = ((part * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B, hg, n, M
-                received += attn.detach().mean(dim=1).sum(dim=1)  # B, M
-                outs.append((self.attn_drop(attn) @ v).transpose(1, 2))  # B, n, hg, d
-            out = torch.cat(outs, dim=1)  # B, N, hg, d
-            received = received / N
-        received = received.reshape(B, Hr, Wr)  # B, Hr, Wr
-        # Nearest-neighbour upsampling by sr, then drop the padded rows and columns.
-        received = received.repeat_interleave(sr, dim=1).repeat_interleave(sr, dim=2)
+                attn = (q[:, :, start : start + chunk] @ keys).softmax(dim=-1)  # B, hg, n, M
+                received += attn.detach().sum(dim=(1, 2), dtype=received.dtype)  # B, M
+                outs.append(self.attn_drop(attn) @ v)  # B, hg, n, d
+            out = torch.cat(outs, dim=2)  # B, hg, N, d
+            received = received / (heads * N)
+        # Nearest-neighbour upsampling by sr in one copy, then drop the padded rows and columns.
+        received = received.view(B, Hr, 1, Wr, 1).expand(B, Hr, sr, Wr, sr)  # B,Hr,sr,Wr,sr
+        received = received.reshape(B, Hr * sr, Wr * sr)  # B, Hp, Wp
         return out, crop_grid(received, H, W).reshape(B, N)  # B, N
 
     def _local(self, qkv: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,25 +182,26 @@ class HybridScaleAttention(nn.Module):
         w, heads, d = self.window_size, self.local_heads, self.head_dim
         padding = grid_padding(H, W, w)
         Hp, Wp = H + padding[0], W + padding[1]
+        nh, nw = Hp // w, Wp // w
         qkv = pad_grid(qkv.reshape(B, H, W, -1), padding)  # B, Hp, Wp, 3*hl*d
-        windows = window_partition(qkv, w)  # B*nW, w*w, 3*hl*d
-        q, k, v = windows.reshape(-1, w * w, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW, hl, w*w, w*w
+        # One copy puts windows and heads on the batch axis, so every product below is a plain
+        # batched matrix product on contiguous operands.
+        windows = qkv.view(B, nh, w, nw, w, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = windows.reshape(3, -1, w * w, d).unbind(0)  # B*nW*hl, w*w, d each
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW*hl, w*w, w*w
+        attn = attn.view(B, nh * nw, heads, w * w, w * w)  # B, nW, hl, w*w, w*w
         query_mask = None
         if padding_needed(padding):
             real = window_partition(valid_mask(H, W, padding, qkv.device)[None, :, :, None], w)
-            real = real.reshape(-1, w * w)  # nW, w*w
+            real = real.reshape(1, -1, w * w)  # 1, nW, w*w
             # Padded keys get no attention; padded queries are computed, then cropped away.
-            attn = attn.view(B, -1, heads, w * w, w * w)  # B, nW, hl, w*w, w*w
-            attn = attn.masked_fill(~real[None, :, None, None, :], float("-inf"))
-            attn = attn.view(-1, heads, w * w, w * w)  # B*nW, hl, w*w, w*w
-            query_mask = real.repeat(B, 1)  # B*nW, w*w
+            attn = attn.masked_fill(~real[:, :, None, None, :], float("-inf"))
+            query_mask = real
         attn = attn.softmax(dim=-1)
-        received = key_importance(attn, query_mask)  # B*nW, w*w
-        received = window_reverse(received.unsqueeze(-1), w, Hp, Wp)  # B, Hp, Wp, 1
+        received = key_importance(attn, query_mask)  # B, nW, w*w
+        received = window_reverse(received.reshape(-1, w * w, 1), w, Hp, Wp)  # B, Hp, Wp, 1
         received = crop_grid(received, H, W).reshape(B, N)  # B, N
-        nh, nw = Hp // w, Wp // w
-        out = self.attn_drop(attn) @ v  # B*nW, hl, w*w, d
+        out = self.attn_drop(attn).view(-1, w * w, w * w) @ v  # B*nW*hl, w*w, d
         # Windows back onto the grid as a view: the caller adds it without an extra copy.
         out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)  # B,nh,w,nw,w,hl,d
         return out, received
@@ -226,32 +210,28 @@ class HybridScaleAttention(nn.Module):
         self, x: torch.Tensor, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """(B, N, C) -> ((B, N, C), (global part (B, N) or None, local part (B, N) or None))."""
-        C = x.shape[-1]
-        global_dim = self.global_heads * self.head_dim
-        # B, N, C | hg*d | 3*hl*d (None for a scale the block does not have)
-        lepe, q_global, qkv_local = input_products(x, self._input_groups())
-        B, N, _ = x.shape
+        B, N, C = x.shape
         H, W = grid
-        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
-        outs, widths, global_part, local_part = [], [], None, None
+        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
+        q_global, qkv_local = self.qkv(x).split([self.global_dim, 3 * self.local_dim], -1)
+        outs, global_part, local_part = [], None, None
         if self.global_heads:
-            out, global_part = self._global(x, q_global, grid)  # B, N, hg, d
-            outs.append(out)
-            widths.append(global_dim)
+            out, global_part = self._global(x, q_global, grid)  # B, hg, N, d
+            outs.append(out.transpose(1, 2))  # B, N, hg, d
         if self.local_heads:
             out, local_part = self._local(qkv_local, grid)  # B, nh, w, nw, w, hl, d
             _, nh, w, nw, *_ = out.shape
             if padding_needed((nh * w - H, nw * w - W)):  # merge the window axes, crop
                 out = crop_grid(out.reshape(B, nh * w, nw * w, -1), H, W)  # B, H, W, hl*d
             outs.append(out)
-            widths.append(C - global_dim)
         if torch.is_grad_enabled():
             # Under autograd every in-place write into a slice would copy the whole gradient.
             mixed = mixed + torch.cat([o.reshape(B, N, -1) for o in outs], dim=-1)  # B, N, C
         else:
             # The LePE map is the output buffer: each scale adds its heads' output into its
             # channel slice (global heads first): proj's input `concat(global, local) + lepe`.
-            for out, part in zip(outs, mixed.split(widths, dim=-1), strict=True):
+            widths = [self.global_dim, self.local_dim] if self.global_heads else [self.local_dim]
+            for out, part in zip(outs, mixed.split(widths, dim=-1), strict=False):
                 part.view(out.shape).add_(out)
         return self.proj_drop(self.proj(mixed)), (global_part, local_part)
 
@@ -277,45 +257,31 @@ class SelfGuidedAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.buckets = buckets_for(sr_ratio)
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        # The published layer maps the merged tokens twice: keys and values of the first half
-        # of the heads, then of the second half (SPEC "Self-guided attention", step 3).
-        self.kv_first = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.kv_last = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        # Keys, then values, of all heads from the merged tokens in one product (the published
+        # layer's kv1 and kv2, one per half of the heads, interleaved: docs/published_code.md).
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.merge = nn.ModuleList(nn.Linear(b.group_size, 1, **dd) for b in self.buckets)
         self.lepe_linear = nn.Linear(dim, dim, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = dropout_or_identity(proj_drop)
 
     def forward(
         self, x: torch.Tensor, grid: tuple[int, int], significance: torch.Tensor
     ) -> torch.Tensor:
         """(B, N, C) tokens and (B, N) significance -> (B, N, C)."""
         B, N, C = x.shape
-        heads, d, half = self.num_heads, self.head_dim, self.num_heads // 2
-        q, lepe = input_products(x, [[self.q], [self.lepe_linear]])  # B, N, C each
-        q = q.reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
+        heads, d = self.num_heads, self.head_dim
+        q = self.q(x).unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
         merges = [(m.weight, m.bias) for m in self.merge]
-        first = merge_in_order(x, significance_order(significance), self.buckets, merges)
-        # The published layer builds the sequence of the last heads from the column-major grid.
-        # It equals the first unless significance values tie: the sort then orders tied tokens
-        # differently, so we repeat it to reproduce the published outputs (docs/published_code.md).
-        order = column_major_order(significance, grid)  # B, N
-        last = merge_in_order(x, order, self.buckets, merges)  # B, M', C
-        M = first.shape[1]
-        kv = torch.cat(
-            [
-                self.kv_first(first).reshape(B, M, 2, half, d),
-                self.kv_last(last).reshape(B, M, 2, heads - half, d),
-            ],
-            dim=3,
-        ).permute(2, 0, 3, 1, 4)  # 2, B, heads, M', d
-        k, v = kv.unbind(0)
+        merged = reallocate_tokens(x, significance, self.buckets, merges)  # B, M', C
+        kv = self.kv(merged).unflatten(-1, (2, heads, d))  # B, M', 2, heads, d
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, M', d each
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
-        mixed = add_into(mixed.view(B, N, heads, -1), out.transpose(1, 2))  # B, N, heads, d
+        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
+        mixed = add_into(mixed.view(B, N, heads, d), out.transpose(1, 2))  # B, N, heads, d
         return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
 
@@ -335,24 +301,22 @@ class GlobalAttention(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)  # the published q, then kv
         self.lepe_linear = nn.Linear(dim, dim, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = dropout_or_identity(proj_drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         heads = self.num_heads
-        q, kv, lepe = input_products(x, [[self.q], [self.kv], [self.lepe_linear]])  # C | 2C | C
-        q = q.reshape(B, N, heads, -1).transpose(1, 2)  # B, heads, N, d
-        k, v = kv.reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).unflatten(-1, (3, heads, -1))  # B, N, 3, heads, d
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, d each
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
+        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
         mixed = add_into(mixed.view(B, N, heads, -1), out.transpose(1, 2))  # B, N, heads, d
         return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
@@ -581,7 +545,7 @@ class SGFormer(nn.Module):
             self.feature_info.append(
                 {"num_chs": embed_dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"}
             )
-        self.head_drop = nn.Dropout(drop_rate)
+        self.head_drop = dropout_or_identity(drop_rate)
         self.head = (
             nn.Linear(self.num_features, num_classes, **dd) if num_classes else nn.Identity()
         )
@@ -678,74 +642,18 @@ class SGFormer(nn.Module):
             )
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) image -> (B, C, ceil(H/4), ceil(W/4)) stem map with positions.
-
-        Callers check the whole batch first (``_check_input``); groups of it need no check.
-        """
+        """(B, C_in, H, W) image -> (B, C, ceil(H/4), ceil(W/4)) stem map with positions."""
         tokens, grid = self.stem(x)  # B, N, C
         pos = self.pos_embed  # 1, N, C
         if sizes_are_symbolic() or grid != self.pos_embed_grid:
             pos = resample_position_table(pos, grid, self.pos_embed_grid)
         return grid_map(tokens + pos, grid)  # B, C, H/4, W/4
 
-    def _inference_groups(self, x: torch.Tensor) -> int:
-        """How many groups of images the high-resolution stages run in (INFERENCE_GROUP_BYTES).
-
-        One under autograd, on accelerators (their caching allocators reuse blocks), while
-        compiling or exporting (the count depends on the batch size), and for batches too small
-        to split into groups of at least two images: the kernels of a one-image batch round
-        differently (measured), which would change the significance sort of nearly tied tokens.
-        """
-        if torch.is_grad_enabled() or x.device.type != "cpu" or sizes_are_symbolic():
-            return 1
-        B, _, H, W = x.shape
-        stem_map = self.stem.conv1.out_channels * math.ceil(H / 2) * math.ceil(W / 2)
-        hidden = max((block.mlp.fc1.out_features for block in self.stages[0].blocks), default=0)
-        first = hidden * math.ceil(H / 4) * math.ceil(W / 4)
-        per_image = max(stem_map, first) * x.element_size()  # bytes
-        return max(1, min(B // 2, math.ceil(B * per_image / INFERENCE_GROUP_BYTES)))
-
-    def _grouped_stages(
-        self, x: torch.Tensor, count: int, keep: set[int] | None = None
-    ) -> dict[int, torch.Tensor]:
-        """The stem and the first ``count`` stages, run in groups of images in CPU inference.
-
-        Each group's values are those its images give as a batch of their own; at 224 px, batch
-        16 and 2 threads they are bit-identical to the whole batch's (GroupNorm over a large
-        map sums in an order that depends on how the batch splits over threads, so other
-        splits may differ in the last bit, as other batch sizes do).
-
-        Args:
-            x: (B, C_in, H, W) images.
-            keep: stage indices whose outputs to return besides the last one's.
-
-        Returns:
-            {stage index: (B, C_i, H_i, W_i) output} for the kept stages and stage ``count - 1``.
-        """
-        self._check_input(x)
-        wanted = {i for i in keep or () if i < count} | {count - 1}
-
-        def run(images: torch.Tensor) -> list[torch.Tensor]:
-            outs, y = [], self._embed(images)
-            for i, stage in enumerate(self.stages[:count]):
-                y = stage(y)
-                if i in wanted:
-                    outs.append(y)
-            return outs
-
-        groups = self._inference_groups(x)
-        if groups == 1:
-            outs = run(x)
-        else:
-            per_group = [run(part) for part in x.tensor_split(groups)]
-            outs = [torch.cat(o) for o in zip(*per_group, strict=True)]
-        return dict(zip(sorted(wanted), outs, strict=True))
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C4, ceil(H/32), ceil(W/32)) normed stage-4 map."""
-        count = min(GROUPED_STAGES, len(self.stages))
-        x = self._grouped_stages(x, count)[count - 1]
-        for stage in self.stages[count:]:
+        self._check_input(x)
+        x = self._embed(x)
+        for stage in self.stages:
             x = stage(x)
         return x
 
@@ -781,11 +689,10 @@ class SGFormer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
-        count = min(GROUPED_STAGES, len(stages))
-        grouped = self._grouped_stages(x, count, set(take_indices))
-        x = grouped[count - 1]
-        intermediates = [grouped[i] for i in sorted(grouped) if i in take_indices]
-        for i, stage in enumerate(stages[count:], start=count):
+        self._check_input(x)
+        x = self._embed(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
                 intermediates.append(x)
@@ -825,26 +732,31 @@ class SGFormer(nn.Module):
             bucket, least significant first).
         """
         self._check_input(x)
+        dtype = x.dtype  # maps are summed in significance_dtype, returned in the image's
         x = self._embed(x)
         last = max((i for i, s in enumerate(self.stages) if s.buckets), default=-1)
         maps = []
         for stage_index, stage in enumerate(self.stages[: last + 1]):
             x, measured = stage.forward_with_significance(x)
             B, _, H, W = x.shape
+
+            def as_map(part: torch.Tensor | None) -> torch.Tensor | None:
+                return None if part is None else part.to(dtype).reshape(B, H, W)  # noqa: B023
+
             hybrid_blocks = [i for i, b in enumerate(stage.blocks) if b.kind == "hybrid"]
             for block_index, ((global_part, local_part), combined) in zip(
                 hybrid_blocks, measured, strict=True
             ):
                 if not return_parts:
-                    maps.append(combined.reshape(B, H, W))
+                    maps.append(as_map(combined))
                     continue
                 maps.append(
                     {
                         "stage": stage_index,
                         "block": block_index,
-                        "significance": combined.reshape(B, H, W),
-                        "global": None if global_part is None else global_part.reshape(B, H, W),
-                        "local": None if local_part is None else local_part.reshape(B, H, W),
+                        "significance": as_map(combined),
+                        "global": as_map(global_part),
+                        "local": as_map(local_part),
                         "allocation": token_allocation(combined, stage.buckets).reshape(B, H, W),
                         "group_sizes": [b.group_size for b in stage.buckets],
                         "merged_tokens": merged_token_counts(H * W, stage.buckets),
@@ -941,6 +853,15 @@ _PUBLISHED_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
     (r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
     (r"^norm(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.norm."),
 )
+# Projections we hold as one linear where the published layout (and this project's layout
+# before 0.2) has several: {fused name: ((part names, in order), chunks)}. With chunks > 1 each
+# part is cut into that many row blocks and the blocks are interleaved: the guided block's kv
+# holds the keys of all heads, then their values, while kv_first/kv_last each hold keys, then
+# values, of half the heads. A hybrid block of a one-scale ablation lacks some parts.
+_FUSED_PROJECTIONS: dict[str, tuple[tuple[tuple[str, ...], int], ...]] = {
+    "qkv": ((("q_global", "q_local", "kv_local"), 1), (("q", "kv"), 1)),
+    "kv": ((("kv_first", "kv_last"), 2),),
+}
 _CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _MAX_LISTED = 8
 
@@ -952,6 +873,29 @@ def _unwrap(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
             checkpoint = checkpoint[key]
             break
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _fuse_projections(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Join the separate projections of the published layout into the model's fused ones
+    (``_FUSED_PROJECTIONS``), wherever the model expects a fused tensor the checkpoint lacks."""
+    state_dict = dict(state_dict)
+    for key in expected:
+        prefix, _, tail = key.rpartition(".")  # stages.0.blocks.1.attn.kv, weight
+        owner, _, fused = prefix.rpartition(".")
+        if key in state_dict or fused not in _FUSED_PROJECTIONS or tail not in ("weight", "bias"):
+            continue
+        for parts, chunks in _FUSED_PROJECTIONS[fused]:
+            names = [
+                f"{owner}.{part}.{tail}" for part in parts if f"{owner}.{part}.{tail}" in state_dict
+            ]
+            if not names:
+                continue
+            pieces = [state_dict.pop(name).chunk(chunks) for name in names]
+            state_dict[key] = torch.cat([p[i] for i in range(chunks) for p in pieces])
+            break
+    return state_dict
 
 
 def _listing(items: list[str]) -> str:
@@ -978,6 +922,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: SGFormer) -> dict[st
         state_dict = renamed
 
     expected = model.state_dict()
+    state_dict = _fuse_projections(state_dict, expected)
     if "pos_embed" in state_dict and "pos_embed" in expected:
         pos = state_dict["pos_embed"]
         if pos.shape != expected["pos_embed"].shape and pos.ndim == 3:

@@ -62,6 +62,19 @@ def merged_token_counts(num_tokens: int, buckets: tuple[Bucket, ...]) -> list[in
     ]
 
 
+def significance_dtype(device: torch.device) -> torch.dtype:
+    """The dtype significance maps are summed in: float64 wherever the device has it.
+
+    The self-guided sort ranks tokens by these sums, and nearly tied tokens are common. Summed
+    in float32, the rounding of the sums decides their order, and a token that lands in another
+    merge run changes the outputs far more than rounding does: sgformer_nano's float32 stage
+    features then lie 0.8-1.3x as far from the published float64 run as the published float32
+    code's own do; summed in float64 (from the same float32 probabilities), 0.3-0.5x
+    (tests/test_contract.py). Apple's MPS has no float64 and keeps float32.
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def key_importance(attn: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean attention each key receives, over heads and over (real) queries.
 
@@ -71,12 +84,15 @@ def key_importance(attn: torch.Tensor, query_mask: torch.Tensor | None = None) -
             queries are left out of the mean.
 
     Returns:
-        (..., Nk). For softmax rows, each output sums to 1 over its keys.
+        (..., Nk) in ``significance_dtype``. For softmax rows, each output sums to 1 over its
+        keys.
     """
-    attn = attn.detach().mean(dim=-3)  # ..., Nq, Nk
+    dtype = significance_dtype(attn.device)
+    attn = attn.detach()
     if query_mask is None:
-        return attn.mean(dim=-2)
-    weights = query_mask.to(attn.dtype).unsqueeze(-1)  # ..., Nq, 1
+        return attn.mean(dim=(-3, -2), dtype=dtype)
+    attn = attn.mean(dim=-3, dtype=dtype)  # ..., Nq, Nk
+    weights = query_mask.to(dtype).unsqueeze(-1)  # ..., Nq, 1
     return (attn * weights).sum(dim=-2) / weights.sum(dim=-2)
 
 
@@ -201,50 +217,8 @@ def reallocate_tokens(
         (B, M', C) merged tokens, least significant buckets first, with
         M' = sum(merged_token_counts(N, buckets)).
     """
-    return merge_in_order(tokens, significance_order(significance), buckets, merges)
-
-
-def column_major_order(significance: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Ascending order of the column-major map, as row-major token indices.
-
-    The published layer sorts the map read column by column for its last heads
-    (docs/published_code.md, "Tied significance values"). Sorting that reading, then mapping
-    each position back to its row-major index, gathers the very tokens the published layer
-    gathers from its column-major copy of the tokens, without making that copy.
-
-    Args:
-        significance: (B, N) row-major map of an (H, W) grid.
-
-    Returns:
-        (B, N) row-major token indices.
-    """
-    B, N = significance.shape
-    H, W = grid
-    by_columns = significance.view(B, H, W).transpose(1, 2).reshape(B, N)  # B, N column-major
-    order = significance_order(by_columns)  # B, N column-major positions
-    # Row-major index of each column-major position, looked up rather than computed with % and
-    # //, which the ONNX exporter cannot take with a symbolic divisor.
-    row_major = torch.arange(N, device=order.device).view(H, W).t().reshape(N)  # N
-    return row_major[order]  # B, N row-major indices
-
-
-def merge_in_order(
-    tokens: torch.Tensor,
-    order: torch.Tensor,
-    buckets: tuple[Bucket, ...],
-    merges: list[tuple[torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
-    """Gather tokens in ``order``, bucket that sequence and merge each bucket's runs.
-
-    Args:
-        tokens: (B, N, C).
-        order: (B, N) token indices, least significant first.
-        buckets, merges: as for :func:`reallocate_tokens`.
-
-    Returns:
-        (B, M', C) merged tokens.
-    """
     B, N, C = tokens.shape
+    order = significance_order(significance)  # B, N
     ordered = torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
     # The buckets tile [0, N) in order, so one split cuts them: under autograd its backward is
     # one `cat` of the buckets' gradients, where a slice per bucket would scatter each into a

@@ -1,59 +1,15 @@
-"""Fast forms of common operations: stacked linears, products of a block's input, in-place sums
-and GELU, and when the training forms (``autograd_on_cpu``), the reduced-precision forms
-(``autocast_on_cpu``) and the traced forms (``sizes_are_symbolic``) apply."""
-
-from collections.abc import Sequence
+"""Fast forms of common operations: dropout only where it drops, in-place sums and GELU, and
+when the training forms (``autograd_on_cpu``), the reduced-precision forms (``autocast_on_cpu``)
+and the traced forms (``sizes_are_symbolic``) apply."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
-def stacked_linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
-    """``torch.cat([layer(x) for layer in layers], -1)`` with one matrix product.
-
-    The weights are stacked at call time (a copy of a few weight matrices, small next to the
-    product), so state_dict names stay per layer and gradients reach each layer's own weight.
-    Every output column is the same dot product its own layer computes; a missing bias is a
-    zero one.
-
-    Args:
-        x: (..., C_in).
-
-    Returns:
-        (..., sum C_out_i); slice it with ``split`` (strided views, no copies).
-    """
-    if len(layers) == 1:
-        return F.linear(x, layers[0].weight, layers[0].bias)
-    weight = torch.cat([layer.weight for layer in layers])  # sum C_out_i, C_in
-    biases = [
-        layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
-        for layer in layers
-    ]
-    return F.linear(x, weight, torch.cat(biases))  # ..., sum C_out_i
-
-
-def input_products(
-    x: torch.Tensor, groups: Sequence[Sequence[nn.Linear]]
-) -> list[torch.Tensor | None]:
-    """``[stacked_linear(x, group) for group in groups]``, None for an empty group.
-
-    In inference all groups share one matrix product whose output is split into strided views.
-    Under autograd each group has its own product: the gradient of a split product is first
-    assembled by a copy (a ``cat`` of its parts' gradients), which made sgformer_s's training
-    step 1.6-2.6 % slower (batch 8, 224 px, both forms alternating in one process).
-
-    Args:
-        x: (..., C_in).
-
-    Returns:
-        Per group (..., sum of its C_out).
-    """
-    if torch.is_grad_enabled():
-        return [stacked_linear(x, list(group)) if group else None for group in groups]
-    widths = [sum(layer.out_features for layer in group) for group in groups]
-    parts = stacked_linear(x, [layer for group in groups for layer in group]).split(widths, -1)
-    return [part if group else None for part, group in zip(parts, groups, strict=True)]
+def dropout_or_identity(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` for p = 0: a dropout of rate 0 still costs a call
+    per use (92 of them in an sgformer_s forward), and the published rates are all 0."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def sizes_are_symbolic() -> bool:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import GELU, add_into, autocast_on_cpu, autograd_on_cpu
+from .fused import GELU, add_into, autocast_on_cpu, autograd_on_cpu, dropout_or_identity
 from .lepe import conv_on_grid
 
 
@@ -26,9 +26,9 @@ class DepthwiseConvMlp(nn.Module):
             hidden_features, hidden_features, 3, padding=1, groups=hidden_features, **dd
         )
         self.act = GELU()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = dropout_or_identity(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, **dd)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = dropout_or_identity(drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, C) tokens of an (H, W) grid -> (B, N, C)."""
