@@ -267,3 +267,32 @@ def test_compile_mode_reaches_torch_compile_and_the_row(monkeypatch) -> None:
         assert modes == ([mode] if flags else [])
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "fastest"])
+
+
+# Operator calls of sgformer_s, batch 2 at 224 (benchmarks/op_count.py; docs/BENCHMARKS.md
+# "Operator calls"), as of the commit that set them: a change that fragments the computation
+# again fails here. Lower them when a change cuts calls. Counts are deterministic, not timed.
+SGFORMER_S_CALL_CEILINGS = {"infer": 636, "train": 1858}
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_operator_calls_stay_under_the_recorded_ceiling(mode: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("sgformer_s")
+    counts = benchmark.count_operators(model, torch.randn(2, 3, 224, 224), mode)
+    top = list(counts["by_operator"].items())[:8]
+    assert counts["calls"] <= SGFORMER_S_CALL_CEILINGS[mode], top
+    assert counts["calls"] == sum(counts["by_operator"].values())
+    assert counts["bytes"] > 0
+
+
+def test_operator_count_sees_every_kernel_and_no_view() -> None:
+    class TwoKernels(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x.view(-1) * 2).reshape(2, 3).transpose(0, 1).exp()  # mul and exp
+
+    counts = benchmark.count_operators(TwoKernels(), torch.randn(2, 3), "infer")
+    assert counts["by_operator"] == {"mul": 1, "exp": 1}
+    assert counts["bytes"] == 2 * 6 * 4  # two float32 outputs of six values
+    with pytest.raises(ValueError, match="mode must be one of"):
+        benchmark.count_operators(TwoKernels(), torch.randn(2, 3), "eval")

@@ -230,8 +230,8 @@ class HybridScaleAttention(nn.Module):
         else:
             # The LePE map is the output buffer: each scale adds its heads' output into its
             # channel slice (global heads first): proj's input `concat(global, local) + lepe`.
-            widths = [self.global_dim, self.local_dim] if self.global_heads else [self.local_dim]
-            for out, part in zip(outs, mixed.split(widths, dim=-1), strict=False):
+            widths = [width for width in (self.global_dim, self.local_dim) if width]
+            for out, part in zip(outs, mixed.split(widths, dim=-1), strict=True):
                 part.view(out.shape).add_(out)
         return self.proj_drop(self.proj(mixed)), (global_part, local_part)
 
@@ -567,6 +567,9 @@ class SGFormer(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, DepthwiseConvMlp):
+                module.init_non_persistent_buffers()
         if self.pos_embed.is_meta:  # no storage to fill; a later to_empty() + init fills it
             return
         table = sincos_2d_table(*self.pos_embed_grid, self.pos_embed.shape[-1], device="cpu")

@@ -148,7 +148,7 @@ def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     merged = []
     if full:
         runs = tokens[:, : full * g].reshape(B, full, g, C)  # B, L // g, g, C
-        merged.append(_weighted_run_sums(runs, w) + bias)  # B, L // g, C
+        merged.append(_weighted_run_sums(runs, w, bias))  # B, L // g, C
     rest = L - full * g
     if rest:
         tail = tokens[:, full * g :]  # B, r, C
@@ -157,20 +157,21 @@ def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.cat(merged, dim=1) if len(merged) > 1 else merged[0]
 
 
-def _weighted_run_sums(runs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, q, g, C) runs, (g,) weights -> (B, q, C) weighted sums over each run.
+def _weighted_run_sums(runs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, q, g, C) runs, (g,) weights, (1,) bias -> (B, q, C) weighted sums over each run.
 
-    A run of one token is one product, bit for bit what the einsum gives. Under autograd
-    longer runs take a broadcast product and sum: its backward is elementwise, where the
-    einsum's copies the runs into a matrix layout and runs a g-column matrix product for the
-    weights' gradient (forward and backward of a stage-3 bucket of sgformer_s, batch 8:
-    1.6 -> 0.6 ms). It rounds differently, so inference keeps the einsum.
+    Under autograd runs take a broadcast product and sum: its backward is elementwise, where
+    the einsum's copies the runs into a matrix layout and runs a g-column matrix product for the
+    weights' gradient (forward and backward of a stage-3 bucket of sgformer_s, batch 8: 1.6 ->
+    0.6 ms). Inference takes the einsum, which needs no (B, q, g, C) product, and a run of one
+    token is one fused multiply-add.
     """
     if runs.shape[2] == 1:
-        return runs.squeeze(2) * w
+        tokens = runs.squeeze(2)  # B, q, C
+        return tokens * w + bias if torch.is_grad_enabled() else torch.addcmul(bias, tokens, w)
     if torch.is_grad_enabled():
-        return (runs * w[:, None]).sum(2)
-    return torch.einsum("bqgc,g->bqc", runs, w)
+        return (runs * w[:, None]).sum(2) + bias
+    return torch.einsum("bqgc,g->bqc", runs, w) + bias
 
 
 def _merge_runs_branch_free(

@@ -4,8 +4,6 @@ from .downsample import Downsample, Stem
 from .fused import (
     GELU,
     add_into,
-    autocast_on_cpu,
-    autograd_on_cpu,
     dropout_or_identity,
     sizes_are_symbolic,
 )
@@ -29,8 +27,6 @@ __all__ = [
     "Downsample",
     "Stem",
     "add_into",
-    "autocast_on_cpu",
-    "autograd_on_cpu",
     "dropout_or_identity",
     "conv_on_grid",
     "crop_grid",

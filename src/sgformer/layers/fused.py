@@ -1,6 +1,5 @@
 """Fast forms of common operations: dropout only where it drops, in-place sums and GELU, and
-when the training forms (``autograd_on_cpu``), the reduced-precision forms (``autocast_on_cpu``)
-and the traced forms (``sizes_are_symbolic``) apply."""
+when the traced forms (``sizes_are_symbolic``) apply."""
 
 import torch
 from torch import nn
@@ -22,29 +21,6 @@ def sizes_are_symbolic() -> bool:
     differently in the last bits, as any compiled kernel may.
     """
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def autograd_on_cpu(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a CPU tensor in an eager computation autograd records (training).
-
-    Some layers then take forms that are faster forward and backward on the CPU but round
-    differently. Inference keeps the published forms: its outputs are compared with the
-    published ones, and the significance sort turns a last-bit change into another order of
-    nearly tied tokens. Traced graphs keep them too: the compiler picks its own kernels, and
-    one of those forms depends on the image size.
-    """
-    return torch.is_grad_enabled() and x.device.type == "cpu" and not sizes_are_symbolic()
-
-
-def autocast_on_cpu(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a CPU tensor in an eager computation under CPU autocast (bfloat16 or
-    float16).
-
-    The outputs then round at that precision (bfloat16 keeps 8 bits: about 0.5 % of the
-    logits of the reference run), far above the last-bit differences of the faster forms that
-    training uses, so inference may take them too where they were measured faster.
-    """
-    return torch.is_autocast_enabled("cpu") and x.device.type == "cpu" and not sizes_are_symbolic()
 
 
 def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
