@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU check and figure of docs/BENCHMARKS.md, "GPU", in one go (about 15 minutes on an
-# H200, most of it compiling):
+# Every GPU check and figure of docs/BENCHMARKS.md, "GPU", in one go, sized for 10 minutes of
+# device time on an H200 (most of it compiling):
 #
-#     benchmarks/gpu_suite.sh PATH/TO/published/sgformer.py OUT_DIR [PYTHON]
+#     benchmarks/gpu_suite.sh OUT_DIR [PYTHON] [PATH/TO/published/sgformer.py]
 #
-# CUDA tests, then eager bf16 S/M/B against the published code and peers (inference batch
-# 256, training batch 128), channels-last, compiled (default mode, and reduce-overhead for
-# training), the CUDA-graph check and the profiles. Each part's output goes to OUT_DIR/*.log;
-# a failing part is reported and the rest still run.
+# CUDA tests; then sgformer_s against Swin-T and the accuracy peers (Swin-S, ConvNeXt-S),
+# bf16, compiled (inductor's default mode for inference at batch 256, reduce-overhead, i.e.
+# CUDA graphs, for training at batch 128) and eager; with the published file, eager sgformer_s
+# against it. Each part's output goes to OUT_DIR/*.log; a failing part is reported and the
+# rest still run.
 set -u
-published=$(realpath "${1:?path of the published sgformer.py}")
-out=${2:?output folder}
-python=${3:-python}
+out=${1:?output folder}
+python=${2:-python}
+published=${3:-}
+[ -n "$published" ] && published=$(realpath "$published")
 mkdir -p "$out"
 out=$(realpath "$out")  # both paths hold after the cd below
 cd "$(dirname "$0")/.."
@@ -27,25 +29,21 @@ part() {  # part NAME COMMAND...: run, keep the log, remember a failure
     grep -v -i warn "$out/$name.log" | tail -n 20
 }
 
-compare=(benchmarks/compare_published.py --published-code "$published" --device cuda --amp bf16)
-peers=(swin_tiny_patch4_window7_224 pvt_v2_b2 convnext_tiny)
+models=(sgformer_s swin_tiny_patch4_window7_224 swin_small_patch4_window7_224 convnext_small)
+bench=("$python" -m sgformer benchmark --models "${models[@]}" --device cuda --amp bf16)
 
 part cuda_tests "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-part eager_infer "$python" "${compare[@]}" --variants sgformer_s sgformer_m sgformer_b \
-    --mode infer -b 256 --warmup 5 --repeats 15 --output "$out/eager_infer"
-part eager_train "$python" "${compare[@]}" --variants sgformer_s sgformer_m sgformer_b \
-    --mode train -b 128 --warmup 5 --repeats 15
-part channels_last "$python" "${compare[@]}" --channels-last --mode infer train -b 256 \
-    --train-batch-size 128 --warmup 5 --repeats 15
-part compiled_infer "$python" "${compare[@]}" --compile --mode infer -b 256 --warmup 3 \
-    --repeats 15
-part compiled_train "$python" -m sgformer benchmark --models sgformer_s "${peers[@]}" \
-    --device cuda --amp bf16 --compile reduce-overhead --channels-last --mode train -b 128 \
-    --warmup 3 --repeats 10
-part graph_ceiling "$python" benchmarks/cuda_graph_ceiling.py --models sgformer_s "${peers[@]}" \
-    --published-code "$published" -b 256 --amp bf16
-part profile "$python" benchmarks/profile_model.py --model sgformer_s --device cuda --amp bf16 \
-    -b 256 --train-batch-size 128 --output "$out/profile"
+part compiled_infer "${bench[@]}" --compile --mode infer -b 256 --warmup 3 --repeats 10 \
+    --output "$out/compiled_infer"
+part compiled_train "${bench[@]}" --compile reduce-overhead --channels-last --mode train \
+    -b 128 --warmup 3 --repeats 10 --output "$out/compiled_train"
+part eager "${bench[@]}" --mode infer train -b 256 --train-batch-size 128 --warmup 3 \
+    --repeats 10 --output "$out/eager"
+if [ -n "$published" ]; then
+    part published "$python" benchmarks/compare_published.py --published-code "$published" \
+        --device cuda --amp bf16 --mode infer train -b 256 --train-batch-size 128 --warmup 3 \
+        --repeats 10
+fi
 
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]} (see $out/<name>.log)"

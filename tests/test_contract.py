@@ -60,7 +60,7 @@ def model32(reference64: dict) -> torch.nn.Module:
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, the measure of ``published_float32_error``."""
-    actual = actual.detach().to(torch.float64)
+    actual = actual.detach().to("cpu", torch.float64)
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
@@ -73,7 +73,7 @@ def run_model(
     """
     model.zero_grad(set_to_none=True)
     image = image.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(image)
     # The loss in the model's dtype (float32 for bfloat16 autocast outputs).
     logits.to(image.dtype).square().mean().backward()
@@ -83,7 +83,7 @@ def run_model(
         .sum()
         .sqrt(),
     }
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=autocast):
         out["logits"] = model(image)
         features = model.forward_intermediates(image, intermediates_only=True)
         maps = model.forward_significance(image)
@@ -112,6 +112,16 @@ def errors_against(ours: dict, expected: dict) -> dict[str, float]:
     return {key: relative_error(ours[key], expected[key]) for key in expected}
 
 
+def over_bounds(errors: dict[str, float], bounds: dict[str, float], factor: float) -> dict:
+    """The tensors whose error passes ``factor`` times their bound, as readable lines."""
+    assert errors.keys() == bounds.keys()
+    return {
+        key: f"{errors[key]:.3g} > {factor} x {bounds[key]:.3g}"
+        for key in errors
+        if errors[key] > factor * bounds[key]
+    }
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_float64_equals_published_float64(reference64, model32, mode: str) -> None:
     model = copy.deepcopy(model32).double().train(mode == "train")
@@ -128,13 +138,7 @@ def test_float32_error_within_twice_published(reference64, model32, mode: str) -
     finally:
         model32.eval()
     errors = errors_against(ours, reference_tensors(reference64))
-    bounds = reference64["published_float32_error"]
-    assert errors.keys() == bounds.keys()
-    over = {
-        key: f"{errors[key]:.3g} > {FLOAT32_ERROR_FACTOR} x {bounds[key]:.3g}"
-        for key in errors
-        if errors[key] > FLOAT32_ERROR_FACTOR * bounds[key]
-    }
+    over = over_bounds(errors, reference64["published_float32_error"], FLOAT32_ERROR_FACTOR)
     assert not over, over
 
 
@@ -142,8 +146,7 @@ def test_bfloat16_autocast_within_the_eager_bfloat16_error(reference64, model32)
     ours = run_model(model32, reference64["input"], autocast=True)
     assert ours["logits"].dtype == torch.bfloat16
     errors = errors_against(ours, reference_tensors(reference64))
-    bounds = {k: BFLOAT16_ERROR_FACTOR * v for k, v in BFLOAT16_ERRORS_B073E65.items()}
-    over = {k: f"{errors[k]:.3g} > {bounds[k]:.3g}" for k in errors if errors[k] > bounds[k]}
+    over = over_bounds(errors, BFLOAT16_ERRORS_B073E65, BFLOAT16_ERROR_FACTOR)
     assert not over, over
 
 
@@ -161,9 +164,24 @@ def test_padded_size_float32_within_contract_of_float64(reference64, model32) ->
             model32.eval()
         errors = errors_against(ours, expected)
         bounds = reference64["published_float32_error"]
-        over = {
-            key: f"{errors[key]:.3g} > {FLOAT32_ERROR_FACTOR} x {bounds[key]:.3g}"
-            for key in errors
-            if errors[key] > FLOAT32_ERROR_FACTOR * bounds[key]
-        }
+        over = over_bounds(errors, bounds, FLOAT32_ERROR_FACTOR)
         assert not over, (mode, over)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_contract_holds_on_cuda(reference64, model32, dtype: torch.dtype) -> None:
+    # TF32 matrix products keep 10 mantissa bits: the float32 contract is a float32 claim.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model = copy.deepcopy(model32).to("cuda", dtype)
+        ours = run_model(model, reference64["input"].to("cuda", dtype))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    errors = errors_against(ours, reference_tensors(reference64))
+    if dtype == torch.float64:
+        assert max(errors.values()) <= FLOAT64_RTOL, errors
+        return
+    over = over_bounds(errors, reference64["published_float32_error"], FLOAT32_ERROR_FACTOR)
+    assert not over, over
