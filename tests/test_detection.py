@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sgformer import cli
+from sgformer.checkpoint import load_run
 from sgformer.coco import (
     CocoInstances,
     encode_mask,
@@ -28,7 +29,6 @@ from sgformer.detection import (
     param_groups,
     resolve_detect_args,
 )
-from sgformer.engine import load_checkpoint
 from sgformer.model import create_model
 
 SIDE = 64
@@ -386,22 +386,22 @@ def test_detect_train_resume_val_predict(tmp_path: Path, capsys: pytest.CaptureF
     small = ["--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0"]
     once = ["--epochs", "2", "--eval-interval", "2", "--output", str(run)]
     assert cli.main([*train, *small, *once]) == 0
-    first = load_checkpoint(run)
-    assert (first["epoch"], first["iteration"]) == (2, 4)  # 4 images / batch 2
-    assert "bbox_AP" not in first["history"][0] and "bbox_AP" in first["history"][1]
-    assert first["best"]["epoch"] == 2
+    first = load_run(run, "detection")
+    assert (first.state["epoch"], first.state["iteration"]) == (2, 4)  # 4 images / batch 2
+    assert "bbox_AP" not in first.history[0] and "bbox_AP" in first.history[1]
+    assert first.best["epoch"] == 2
     assert (run / "summary.csv").read_text().count("\n") == 3
 
     # Resumed with a time limit that has passed after one iteration: stops inside epoch 3.
     resume = ["detect", "train", "--resume", str(run), "--epochs", "4"]
     assert cli.main([*resume, "--time-limit", "1e-6"]) == 0
-    second = load_checkpoint(run)
-    assert (second["epoch"], second["iteration"]) == (3, 5)
-    assert second["history"][2]["time_limited"] and "bbox_AP" in second["history"][2]
-    assert second["history"][:2] == first["history"]
-    steps = {int(s["step"]) for s in second["optimizer"]["state"].values()}
+    second = load_run(run, "detection")
+    assert (second.state["epoch"], second.state["iteration"]) == (3, 5)
+    assert second.history[2]["time_limited"] and "bbox_AP" in second.history[2]
+    assert second.history[:2] == first.history
+    steps = {int(s["step"]) for s in second.state["optimizer"]["state"].values()}
     assert steps == {5}  # AdamW moments continued from the checkpoint's, not restarted
-    assert second["scheduler"]["last_epoch"] == 5
+    assert second.state["scheduler"]["last_epoch"] == 5
 
     assert cli.main(["detect", "train", "--resume", str(run), "--epochs", "3"]) == 2
     assert "already finished 3 epochs" in capsys.readouterr().err
@@ -469,6 +469,9 @@ def test_detect_train_two_processes(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = load_checkpoint(run)
-    assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 2)  # 8 images / (2 x 2)
+    checkpoint = load_run(run, "detection")
+    assert (checkpoint.state["epoch"], checkpoint.state["iteration"]) == (
+        1,
+        2,
+    )  # 8 images / (2 x 2)
     assert checkpoint["metrics"]["images"] == 3  # the odd image is evaluated once, not twice

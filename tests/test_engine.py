@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from sgformer import engine
+from sgformer.checkpoint import FORMAT_VERSION
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
 
@@ -104,12 +105,15 @@ def test_train_writes_checkpoints_summary_args_and_curves(trained, shapes):
     assert args["model"] == "sgformer_nano" and args["num_classes"] == 8
     assert (trained / "curves.png").stat().st_size > 10_000
     ckpt = torch.load(trained / "last.pth", weights_only=True)
-    for key in ("model", "model_ema", "optimizer", "scheduler", "epoch", "model_name", "args"):
-        assert ckpt[key] is not None, key
-    assert ckpt["epoch"] == 3 and ckpt["model_kwargs"]["num_classes"] == 8
-    assert ckpt["class_names"] == sorted(p.name for p in (shapes / "train").iterdir())
+    assert (ckpt["format_version"], ckpt["task"]) == (FORMAT_VERSION, "classification")
+    for key in ("model", "model_ema", "optimizer", "scheduler", "epoch"):
+        assert ckpt["state"][key] is not None, key
+    assert ckpt["model_name"] == "sgformer_nano" and ckpt["args"]["epochs"] == 3
+    assert ckpt["state"]["epoch"] == 3 and ckpt["model_kwargs"]["num_classes"] == 8
+    assert ckpt["data"]["class_names"] == sorted(p.name for p in (shapes / "train").iterdir())
+    assert len(ckpt["history"]) == 3 and ckpt["best"]["top1"] >= 0
     best = torch.load(trained / "best.pth", weights_only=True)
-    assert best["metrics"]["top1"] == max(float(r["top1"]) for r in rows)
+    assert best["state"]["metrics"]["top1"] == max(float(r["top1"]) for r in rows)
     assert not list(trained.glob(".*tmp*")), "temp files left behind"
 
 
@@ -171,12 +175,12 @@ def test_tar_datasets_read_like_the_folder(shapes, tmp_path, capsys):
     folder_row, folder_ckpt = runs["folder"]
     # Same files in the same order as the folder: the same run.
     row, ckpt = runs["one_tar"]
-    assert ckpt["class_names"] == folder_ckpt["class_names"]
+    assert ckpt["data"]["class_names"] == folder_ckpt["data"]["class_names"]
     for key in ("train_loss", "val_loss", "top1"):
         assert float(row[key]) == pytest.approx(float(folder_row[key]), abs=1e-5), key
     # Per-class tars list the images in another order: the run differs, the classes agree.
     row, ckpt = runs["per_class"]
-    assert ckpt["class_names"] == folder_ckpt["class_names"]
+    assert ckpt["data"]["class_names"] == folder_ckpt["data"]["class_names"]
     bad = ["train", "--dataset", "tar", "--data-dir", str(shapes), "--output", str(tmp_path / "x")]
     assert main(bad) != 0
     assert "no 'train' split" in capsys.readouterr().err  # a folder tree is not a tar layout
@@ -224,25 +228,10 @@ def test_sigkill_at_any_point_resumes_from_last_complete_checkpoint(shapes, tmp_
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # right after the first checkpoint: maybe mid-write
     proc.wait()
-    done = torch.load(out / "last.pth", weights_only=True)["epoch"]
+    done = torch.load(out / "last.pth", weights_only=True)["state"]["epoch"]
     assert done >= 1
     assert main(["train", "--resume", str(out / "last.pth")]) == 0
     assert [int(r["epoch"]) for r in _summary(out)] == [1, 2, 3, 4]
-
-
-def test_checkpoint_write_failure_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "last.pth"
-    engine.save_checkpoint(path, {"epoch": 1})
-
-    def dies_mid_write(obj, f):
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(engine.torch, "save", dies_mid_write)
-    with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint(path, {"epoch": 2})
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
 def test_resume_errors(tmp_path, trained, shapes, capsys):
@@ -273,7 +262,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shapes, tmp_path, mo
     assert "loss is nan at epoch 1 step 0 (update 5)" in err
     assert f"last good checkpoint is {out / 'last.pth'}" in err
     ckpt = torch.load(out / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 1 and torch.isfinite(ckpt["model"]["head.weight"]).all()
+    state = ckpt["state"]
+    assert state["epoch"] == 1 and torch.isfinite(state["model"]["head.weight"]).all()
 
 
 def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path, caplog):
@@ -330,7 +320,7 @@ def test_validate_writes_results_json(trained, shapes, tmp_path):
     argv = ["validate", "--data-dir", str(shapes), "--split", "val", "--checkpoint"]
     assert main([*argv, str(trained / "best.pth"), "--results-file", str(result)]) == 0
     metrics = json.loads(result.read_text())
-    best = torch.load(trained / "best.pth", weights_only=True)["metrics"]
+    best = torch.load(trained / "best.pth", weights_only=True)["state"]["metrics"]
     assert metrics["model"] == "sgformer_nano" and metrics["img_size"] == IMG
     assert metrics["images"] == 16 and metrics["crop_pct"] == 0.9
     # the same eval transform as training's validation gives the same numbers
@@ -351,7 +341,7 @@ def test_validate_rejects_a_checkpoint_of_another_model(trained, shapes, capsys)
 
 
 def test_initial_checkpoint_of_another_variant_names_keys(trained, shapes, tmp_path, capsys):
-    weights = torch.load(trained / "last.pth", weights_only=True)["model"]
+    weights = torch.load(trained / "last.pth", weights_only=True)["state"]["model"]
     torch.save(weights, tmp_path / "nano.pth")
     argv = _train_argv(shapes, tmp_path / "run", "--initial-checkpoint", str(tmp_path / "nano.pth"))
     assert main([*[a if a != "sgformer_nano" else "sgformer_s" for a in argv]]) == 2

@@ -16,7 +16,8 @@ import sgformer
 from sgformer import segmentation as seg
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
-from sgformer.engine import Distributed, load_backbone_weights
+from sgformer.engine import load_backbone_weights
+from sgformer.runtime import Distributed
 
 CPU = Distributed(0, 1, 0, torch.device("cpu"))
 IMG = 64
@@ -346,10 +347,11 @@ def test_schedules_and_explicit_flags():
 
 
 def test_train_val_predict_through_the_cli(trained, shapes, tmp_path, capsys):
-    checkpoint = torch.load(trained / "last.pth", weights_only=False)
-    assert checkpoint["iteration"] == 4 and len(checkpoint["history"]) == 2
+    checkpoint = torch.load(trained / "last.pth", weights_only=True)
+    assert checkpoint["task"] == "segmentation" and checkpoint["data"]["num_classes"] == NUM_CLASSES
+    assert checkpoint["state"]["iteration"] == 4 and len(checkpoint["history"]) == 2
     assert checkpoint["model_kwargs"]["aux_head"] and (trained / "summary.csv").is_file()
-    assert checkpoint["optimizer"]["state"][0]["step"] == 4
+    assert checkpoint["state"]["optimizer"]["state"][0]["step"] == 4
 
     results = tmp_path / "results.json"
     argv = ["segment", "val", "--checkpoint", str(trained), "--results-file", str(results)]
@@ -379,10 +381,11 @@ def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
     resumed = tmp_path / "resumed"
     assert main(["segment", "train", "--resume", str(trained), "--iters", "6",
                  "--output", str(resumed)]) == 0  # fmt: skip
-    checkpoint = torch.load(resumed / "last.pth", weights_only=False)
-    assert checkpoint["iteration"] == 6 and len(checkpoint["history"]) == 3
-    assert checkpoint["optimizer"]["state"][0]["step"] == 6
-    assert checkpoint["scheduler"]["last_epoch"] == 6
+    checkpoint = torch.load(resumed / "last.pth", weights_only=True)
+    state = checkpoint["state"]
+    assert state["iteration"] == 6 and len(checkpoint["history"]) == 3
+    assert state["optimizer"]["state"][0]["step"] == 6
+    assert state["scheduler"]["last_epoch"] == 6
     assert [row["iteration"] for row in checkpoint["history"]] == [2, 4, 6]
 
 
@@ -432,8 +435,8 @@ def test_two_gloo_processes_train_and_evaluate_like_one(trained, shapes, tmp_pat
     out = tmp_path / "ddp"
     log = _run([*_train_argv(shapes, out), "--iters", "2"], 2).stderr
     assert "2 processes, global batch 4" in log
-    checkpoint = torch.load(out / "last.pth", weights_only=False)
-    assert checkpoint["iteration"] == 2 and not list(out.glob(".*tmp*"))
+    checkpoint = torch.load(out / "last.pth", weights_only=True)
+    assert checkpoint["state"]["iteration"] == 2 and not list(out.glob(".*tmp*"))
 
     # Each rank scores its own shard; torchmetrics sums the statistics over ranks.
     results = {}

@@ -37,38 +37,44 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from .engine import (
+from .checkpoint import (
     BEST_CHECKPOINT,
-    IMAGE_EXTENSIONS,
     LAST_CHECKPOINT,
-    Distributed,
+    Run,
+    load_run,
+    save_checkpoint,
+)
+from .engine import (
+    IMAGE_EXTENSIONS,
     _plain,
-    amp_settings,
-    autocast,
     check_finite_loss,
     check_not_finished,
     collect_images,
     create_optimizer,
-    epoch_seed,
     load_backbone_weights,
-    load_checkpoint,
-    make_scaler,
     optimizer_step,
-    progress_bar,
-    reduce_sum,
     restore_training_state,
     resume_args,
-    save_checkpoint,
-    seed_everything,
-    setup_distributed,
     sharded_loader,
-    wrap_distributed,
     write_args,
     write_summary_csv,
+)
+from .runtime import (
+    Distributed,
+    amp_settings,
+    autocast,
+    epoch_seed,
+    make_scaler,
+    progress_bar,
+    reduce_sum,
+    seed_everything,
+    setup_distributed,
+    wrap_distributed,
 )
 
 _logger = logging.getLogger(__name__)
 
+TASK = "segmentation"
 IGNORE_INDEX = 255  # mmseg's ignore label; reduce_zero_label maps ADE20K's "other" (0) here
 PAD_DIVISOR = 32  # smp checks that H and W divide by the encoder's output stride
 DECODERS = ("upernet", "fpn")
@@ -776,10 +782,10 @@ def _endless(loader: DataLoader, first_pass: int) -> Iterator[Batch]:
         pass_index += 1
 
 
-def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "schedule")
+def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, Run]:
+    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK)
     args.scale_range = tuple(args.scale_range)
-    return args, checkpoint
+    return args, run
 
 
 def _infer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -791,9 +797,9 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
 
     ``given`` maps flag names to values, None where the flag was not given.
     """
-    checkpoint = None
+    resumed: Run | None = None
     if given.get("resume"):
-        args, checkpoint = _resume_args(given)
+        args, resumed = _resume_args(given)
     else:
         args = resolve_segment_args(given)
     dist_info = setup_distributed(args.device)
@@ -802,8 +808,8 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
 
     # Data first: a wrong folder should fail before a model is built.
     data_root, class_names = _data_setup(args)
-    if checkpoint is not None:
-        class_names = checkpoint.get("class_names")
+    if resumed is not None:
+        class_names = resumed.data.get("class_names")
     args.data_root = str(data_root)
     label_kwargs = {
         "num_classes": args.num_classes,
@@ -835,7 +841,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         "img_size": args.crop_size,
     }
     model = build_segmentation_model(args.model, **model_kwargs)
-    if args.backbone_checkpoint and checkpoint is None:
+    if args.backbone_checkpoint and resumed is None:
         load_backbone_weights(model.backbone, args.backbone_checkpoint)
     if dist_info.enabled and dist_info.device.type == "cuda":
         # Batch 2 per GPU: the heads' BatchNorm sees all ranks' samples (mmseg's SyncBN).
@@ -851,13 +857,9 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss(ignore_index=args.ignore_index)
 
     iteration, history, best = 0, [], {"mIoU": -1.0, "iteration": -1}
-    if checkpoint is not None:
-        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
-        iteration, history, best = (
-            checkpoint["iteration"],
-            checkpoint["history"],
-            checkpoint["best"],
-        )
+    if resumed is not None:
+        restore_training_state(resumed, model, optimizer, scheduler, scaler)
+        iteration, history, best = resumed.state["iteration"], resumed.history, resumed.best
         _logger.info("resumed from %s at iteration %d", args.resume, iteration)
     check_not_finished(iteration, args.iters, "iterations", "--iters")
 
@@ -989,18 +991,21 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "iteration": iteration,
-                "task": "segmentation",
-                "model_name": args.model,
-                "model_kwargs": model_kwargs,
-                "class_names": class_names,
-                "args": {k: _plain(v) for k, v in vars(args).items()},
-                "history": history,
-                "best": best,
                 "metrics": {**row, "per_class_iou": metrics["per_class_iou"]},
             }
-            save_checkpoint(last_path, state)
+            run = Run(
+                task=TASK,
+                model_name=args.model,
+                model_kwargs=model_kwargs,
+                args={k: _plain(v) for k, v in vars(args).items()},
+                state=state,
+                history=history,
+                best=best,
+                data={"class_names": class_names, "num_classes": args.num_classes},
+            )
+            save_checkpoint(last_path, run.to_dict())
             if is_best:
-                save_checkpoint(best_path, state)
+                save_checkpoint(best_path, run.to_dict())
             write_summary_csv(output, history, SUMMARY_FIELDS)
         _logger.info(
             "iteration %d/%d  train loss %.4f  mIoU %.2f  aAcc %.2f  lr %.3g  %.2f it/s",
@@ -1044,14 +1049,12 @@ SUMMARY_FIELDS = (
 # Validation and prediction from a checkpoint.
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, dict[str, Any]]:
-    """The segmentation model of a ``segment train`` checkpoint, and the checkpoint itself."""
-    checkpoint = load_checkpoint(path)
-    if "iteration" not in checkpoint or "decoder" not in checkpoint.get("model_kwargs", {}):
-        raise ValueError(f"{path} is not a `sgformer segment train` checkpoint")
-    model = build_segmentation_model(checkpoint["model_name"], **checkpoint["model_kwargs"])
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
+def segmenter_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, Run]:
+    """The segmentation model of a ``segment train`` checkpoint, and its run."""
+    run = load_run(path, TASK)
+    model = build_segmentation_model(run.model_name, **run.model_kwargs)
+    model.load_state_dict(run.weights())
+    return model, run
 
 
 def _test_options(
@@ -1092,9 +1095,9 @@ def validate_segmentation(
     label settings, mode and crop default to the training run's.
     """
     dist_info = setup_distributed(device)
-    model, info = model_from_checkpoint(checkpoint)
+    model, run = segmenter_from_checkpoint(checkpoint)
     model.to(dist_info.device)
-    args = info["args"]
+    args = run.args
     root = Path(data_root or args["data_root"])
     pairs, unpaired = find_pairs(root, split or args["val_split"])
     dataset = SegmentationDataset(
@@ -1120,12 +1123,12 @@ def validate_segmentation(
         num_classes=args["num_classes"],
         ignore_index=args["ignore_index"],
         dist_info=dist_info,
-        class_names=info.get("class_names"),
+        class_names=run.data.get("class_names"),
         infer_kwargs=options,
     )
     result = {
-        "model": info["model_name"],
-        "decoder": info["model_kwargs"]["decoder"],
+        "model": run.model_name,
+        "decoder": run.model_kwargs["decoder"],
         "checkpoint": str(checkpoint),
         "data_root": str(root),
         "split": split or args["val_split"],
@@ -1180,9 +1183,9 @@ def predict_segmentation(
     if not 0 <= opacity <= 1:
         raise ValueError(f"--opacity must be within [0, 1], got {opacity}")
     run_device = setup_distributed(device).device
-    model, info = model_from_checkpoint(checkpoint)
+    model, run = segmenter_from_checkpoint(checkpoint)
     model.to(run_device).eval()
-    args = info["args"]
+    args = run.args
     num_classes = args["num_classes"]
     if num_classes > 256:
         raise ValueError(f"palette PNGs hold at most 256 classes, the model has {num_classes}")
