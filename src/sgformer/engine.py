@@ -47,7 +47,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .model import checkpoint_filter_fn, create_model
+from .model import MIN_INPUT_SIZE, checkpoint_filter_fn, create_model
 from .runtime import (
     Distributed,
     amp_settings,
@@ -66,7 +66,6 @@ from .runtime import (
 _logger = logging.getLogger(__name__)
 
 TASK = "classification"
-MIN_IMG_SIZE = 32  # stem (4) x three downsamples (2 each): smaller inputs leave stage 4 empty
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_SPLIT_NAMES = ("val", "validation")
 
@@ -564,9 +563,9 @@ def train_transform(model: nn.Module, args: argparse.Namespace) -> Any:
 
 
 def check_img_size(img_size: int | None) -> None:
-    if img_size is not None and img_size < MIN_IMG_SIZE:
+    if img_size is not None and img_size < MIN_INPUT_SIZE:
         raise ValueError(
-            f"--img-size {img_size} is too small: SG-Former needs at least {MIN_IMG_SIZE} pixels "
+            f"--img-size {img_size} is too small: SG-Former needs at least {MIN_INPUT_SIZE} pixels "
             "(stride 32 to stage 4)"
         )
 
