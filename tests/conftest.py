@@ -8,8 +8,8 @@ import sgformer  # noqa: F401  (registers the models with timm)
 from sgformer.model import checkpoint_filter_fn
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
-# SPEC "Reference data": within 1e-4 relative error in float32, measured against the scale of
-# each reference tensor (an element-wise rtol alone is meaningless for values near zero).
+# docs/design.md, "Reference data": within 1e-4 relative error in float32, measured against
+# the scale of each reference tensor (an element-wise rtol alone is meaningless near zero).
 GOLDEN_RTOL = 1e-4
 
 
@@ -24,7 +24,8 @@ def assert_close_relative(
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    """The published implementation's reference run (SPEC "Reference data"); never skipped."""
+    """The published implementation's reference run (docs/design.md, "Reference data");
+    never skipped."""
     path = GOLDEN_DIR / "sgformer_tiny_ref.pt"
     assert path.is_file(), f"golden reference missing: {path} (../shared must sit beside the repo)"
     return torch.load(path, map_location="cpu", weights_only=False)

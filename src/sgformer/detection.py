@@ -6,10 +6,11 @@ max-pool level, and an ``out_channels`` attribute. ``MaskRCNN`` (``FasterRCNN`` 
 does the rest, including resizing (short side, long-side cap, multi-scale choices) and
 normalisation. COCO data and AP live in ``coco.py``.
 
-The paper's COCO setups (SPEC "Training recipe") are the ``1x`` and ``3x`` presets of
+The paper's COCO setups (docs/design.md, "Training recipes") are the ``1x`` and ``3x`` presets of
 ``SCHEDULES``; ``shapes`` trains ``sgformer_nano`` on the synthetic scenes of ``data.py`` on a
-CPU. The loop reuses the run helpers of ``engine.py`` (distributed setup, seeding, AMP, the
-optimiser step, the non-finite loss guard, atomic checkpoints).
+CPU. The loop reuses the run helpers of ``runtime.py`` (distributed setup, seeding, AMP),
+``checkpoint.py`` (the run format) and ``engine.py`` (the optimiser step, the non-finite loss
+guard).
 """
 
 from __future__ import annotations

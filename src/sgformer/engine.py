@@ -70,7 +70,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 VAL_SPLIT_NAMES = ("val", "validation")
 
 # ---------------------------------------------------------------------------------------------
-# Paper recipes (SPEC "Training recipe"): the one place these numbers live.
+# Paper recipes (docs/design.md, "Training recipes"): the one place these numbers live.
 # Learning rates are for a global batch of PAPER_GLOBAL_BATCH; `train` scales them linearly to
 # the global batch actually used unless --lr is given.
 PAPER_GLOBAL_BATCH = 1024

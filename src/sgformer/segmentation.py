@@ -1,11 +1,12 @@
 """Semantic segmentation on SG-Former: smp UperNet / Semantic FPN heads, ADE20K-layout data, mIoU.
 
-The paper's ADE20K numbers (Semantic FPN 80k, UperNet 160k; SPEC "Training recipe") came from
-OpenMMLab configs that were never released. This module rebuilds that pipeline from maintained
-parts: segmentation-models-pytorch decoders on the ``tu-sgformer_*`` timm encoder, torchvision
-functional ops for the augmentation, torchmetrics for IoU and pixel accuracy, and the run helpers
-of ``engine.py`` (distributed setup, seeding, AMP, optimiser step, non-finite guard, atomic
-checkpoints). One iteration-based loop (``train_segmentation``) reads top to bottom.
+The paper's ADE20K numbers (Semantic FPN 80k, UperNet 160k; docs/design.md, "Training
+recipes") came from OpenMMLab configs that were never released. This module rebuilds that
+pipeline from maintained parts: segmentation-models-pytorch decoders on the ``tu-sgformer_*``
+timm encoder, torchvision functional ops for the augmentation, torchmetrics for IoU and pixel
+accuracy, and the run helpers of ``runtime.py`` (distributed setup, seeding, AMP),
+``checkpoint.py`` (the run format) and ``engine.py`` (optimiser step, non-finite guard). One
+iteration-based loop (``train_segmentation``) reads top to bottom.
 
 Data follow the ADE20K layout: ``ROOT/images/{split}/NAME.jpg|png`` with
 ``ROOT/annotations/{split}/NAME.png``, single-channel PNGs of class indices. With
