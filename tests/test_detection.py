@@ -470,8 +470,6 @@ def test_detect_train_two_processes(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = load_run(run, "detection")
-    assert (checkpoint.state["epoch"], checkpoint.state["iteration"]) == (
-        1,
-        2,
-    )  # 8 images / (2 x 2)
-    assert checkpoint["metrics"]["images"] == 3  # the odd image is evaluated once, not twice
+    state = checkpoint.state
+    assert (state["epoch"], state["iteration"]) == (1, 2)  # 8 images / (2 x 2)
+    assert state["metrics"]["images"] == 3  # the odd image is evaluated once, not twice

@@ -17,6 +17,7 @@ Every torch file is read with ``weights_only=True``: a checkpoint is data, never
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import pickle
@@ -103,6 +104,20 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {why}; {kept}") from err
 
 
+def plain(value: Any) -> Any:
+    """A value as YAML/JSON/``weights_only``-safe plain data (tuples as lists, paths as str)."""
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """A run's resolved arguments as a checkpoint (and ``args.yaml``) holds them."""
+    return {k: plain(v) for k, v in vars(args).items()}
+
+
 @dataclass
 class Run:
     """A training run as its checkpoint holds it (see the module docstring)."""
@@ -139,6 +154,14 @@ class Run:
                 raise ValueError(f"{self.path} has no EMA weights (trained without --model-ema)")
             return self.state["model_ema"]
         return self.state["model"]
+
+
+def save_run(folder: Path, run: Run, is_best: bool) -> None:
+    """``last.pth`` of a run folder, and ``best.pth`` too when ``is_best``."""
+    checkpoint = run.to_dict()
+    save_checkpoint(folder / LAST_CHECKPOINT, checkpoint)
+    if is_best:
+        save_checkpoint(folder / BEST_CHECKPOINT, checkpoint)
 
 
 def _legacy_task(checkpoint: dict[str, Any]) -> str:

@@ -32,11 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import (
-    BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     Run,
     load_run,
-    save_checkpoint,
+    plain,
+    plain_args,
+    save_run,
 )
 from .coco import (
     IOU_TYPES,
@@ -47,7 +48,6 @@ from .coco import (
     to_coco_results,
 )
 from .engine import (
-    _plain,
     check_finite_loss,
     check_not_finished,
     collect_images,
@@ -56,6 +56,7 @@ from .engine import (
     restore_training_state,
     resume_args,
     sharded_loader,
+    training_state,
     write_args,
     write_summary_csv,
 )
@@ -652,7 +653,7 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
             f"{train_set.category_ids}; both must list the same categories"
         )
     seed_everything(args.seed)
-    model_kwargs = {k: _plain(getattr(args, k)) for k in ARCH_KEYS}
+    model_kwargs = {k: plain(getattr(args, k)) for k in ARCH_KEYS}
     model = build_detector(
         args.model,
         len(train_set.category_ids),
@@ -764,32 +765,22 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
         if is_best:
             best = {"bbox_AP": row["bbox_AP"], "epoch": epoch + 1}
         if dist_info.is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "iteration": iteration,
-                "metrics": row,
-            }
-            run = Run(
-                task=TASK,
-                model_name=args.model,
-                model_kwargs=model_kwargs,
-                args={k: _plain(v) for k, v in vars(args).items()},
-                state=state,
-                history=history,
-                best=best,
-                data={
-                    "num_classes": len(train_set.category_ids),
-                    "category_ids": train_set.category_ids,
-                    "class_names": train_set.class_names,
-                },
+            state = training_state(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch=epoch + 1,
+                iteration=iteration,
+                metrics=row,
             )
-            save_checkpoint(last_path, run.to_dict())
-            if is_best:
-                save_checkpoint(output / BEST_CHECKPOINT, run.to_dict())
+            data = {
+                "num_classes": len(train_set.category_ids),
+                "category_ids": train_set.category_ids,
+                "class_names": train_set.class_names,
+            }
+            run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
+            save_run(output, run, is_best)
             write_summary_csv(output, history, SUMMARY_FIELDS)
         _logger.info(
             "epoch %d/%d  loss %.4f  lr %.3g  %.1f img/s  bbox AP %s AP50 %s  segm AP %s",

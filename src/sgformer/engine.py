@@ -38,14 +38,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from .checkpoint import (
-    BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     Run,
     as_run,
     check_task,
     load_run,
+    plain,
+    plain_args,
     read_checkpoint,
-    save_checkpoint,
+    save_run,
 )
 from .model import MIN_INPUT_SIZE, checkpoint_filter_fn, create_model
 from .runtime import (
@@ -273,6 +274,26 @@ def check_finite_loss(
             f"loss is {loss.item()} at {where}; stopped (lower --lr, set --clip-grad or turn off "
             f"--amp); {kept}"
         )
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: NativeScaler | None,
+    ema: ModelEmaV3 | None = None,
+    **progress: Any,
+) -> dict[str, Any]:
+    """A run checkpoint's ``state``: what ``restore_training_state`` restores, plus
+    ``progress`` (epoch and/or iteration, the last metrics)."""
+    return {
+        "model": model.state_dict(),
+        "model_ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        **progress,
+    }
 
 
 def restore_training_state(
@@ -833,15 +854,6 @@ SUMMARY_FIELDS = (
 )
 
 
-def _plain(value: Any) -> Any:
-    """Arguments as YAML/JSON/``weights_only``-safe plain values."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_summary_csv(output: Path, history: list[dict[str, Any]], fields: Sequence[str]) -> None:
     """Rewrite ``output/summary.csv`` (columns ``fields``) from the run's history.
 
@@ -904,7 +916,7 @@ def resume_args(
             continue
         if key in overridable:
             setattr(args, key, value)
-        elif _plain(value) != _plain(getattr(args, key, None)):
+        elif plain(value) != plain(getattr(args, key, None)):
             ignored.append(key)
     if ignored:
         _logger.warning("resuming: the checkpoint's values are used for %s", ", ".join(ignored))
@@ -919,7 +931,7 @@ def write_args(output: Path, args: argparse.Namespace) -> None:
     """``args.yaml``: the run's resolved arguments."""
     output.mkdir(parents=True, exist_ok=True)
     with (output / "args.yaml").open("w") as f:
-        yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}, f, sort_keys=True)
+        yaml.safe_dump(plain_args(args), f, sort_keys=True)
 
 
 def train(given: dict[str, Any]) -> dict[str, Any]:
@@ -937,7 +949,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
     check_img_size(args.img_size)
     dist_info = setup_distributed(args.device)
     output = Path(args.output)
-    last_path, best_path = output / LAST_CHECKPOINT, output / BEST_CHECKPOINT
+    last_path = output / LAST_CHECKPOINT
     if resumed is None and last_path.exists():
         raise ValueError(
             f"{output} already holds a run ({LAST_CHECKPOINT}); pass --resume {output} to "
@@ -1117,28 +1129,12 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
         if is_best:
             best = {"top1": row["top1"], "epoch": epoch + 1}
         if dist_info.is_main:
-            state = {
-                "model": model.state_dict(),
-                "model_ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "metrics": row,
-            }
-            run = Run(
-                task=TASK,
-                model_name=args.model,
-                model_kwargs=model_kwargs,
-                args={k: _plain(v) for k, v in vars(args).items()},
-                state=state,
-                history=history,
-                best=best,
-                data={"class_names": class_names, "num_classes": num_classes},
+            state = training_state(
+                model, optimizer, scheduler, scaler, ema, epoch=epoch + 1, metrics=row
             )
-            save_checkpoint(last_path, run.to_dict())
-            if is_best:
-                save_checkpoint(best_path, run.to_dict())
+            data = {"class_names": class_names, "num_classes": num_classes}
+            run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
+            save_run(output, run, is_best)
             write_summary(output, history)
         skipped = row["train_skipped"] + row["val_skipped"]
         _logger.info(

@@ -39,15 +39,14 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from .checkpoint import (
-    BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     Run,
     load_run,
-    save_checkpoint,
+    plain_args,
+    save_run,
 )
 from .engine import (
     IMAGE_EXTENSIONS,
-    _plain,
     check_finite_loss,
     check_not_finished,
     collect_images,
@@ -57,6 +56,7 @@ from .engine import (
     restore_training_state,
     resume_args,
     sharded_loader,
+    training_state,
     write_args,
     write_summary_csv,
 )
@@ -805,7 +805,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         args = resolve_segment_args(given)
     dist_info = setup_distributed(args.device)
     output = Path(args.output)
-    last_path, best_path = output / LAST_CHECKPOINT, output / BEST_CHECKPOINT
+    last_path = output / LAST_CHECKPOINT
 
     # Data first: a wrong folder should fail before a model is built.
     data_root, class_names = _data_setup(args)
@@ -986,27 +986,13 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         if is_best:
             best = {"mIoU": row["mIoU"], "iteration": iteration}
         if dist_info.is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "iteration": iteration,
-                "metrics": {**row, "per_class_iou": metrics["per_class_iou"]},
-            }
-            run = Run(
-                task=TASK,
-                model_name=args.model,
-                model_kwargs=model_kwargs,
-                args={k: _plain(v) for k, v in vars(args).items()},
-                state=state,
-                history=history,
-                best=best,
-                data={"class_names": class_names, "num_classes": args.num_classes},
+            row_metrics = {**row, "per_class_iou": metrics["per_class_iou"]}
+            state = training_state(
+                model, optimizer, scheduler, scaler, iteration=iteration, metrics=row_metrics
             )
-            save_checkpoint(last_path, run.to_dict())
-            if is_best:
-                save_checkpoint(best_path, run.to_dict())
+            data = {"class_names": class_names, "num_classes": args.num_classes}
+            run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
+            save_run(output, run, is_best)
             write_summary_csv(output, history, SUMMARY_FIELDS)
         _logger.info(
             "iteration %d/%d  train loss %.4f  mIoU %.2f  aAcc %.2f  lr %.3g  %.2f it/s",
