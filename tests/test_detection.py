@@ -3,8 +3,10 @@ the SG-Former + FPN Mask R-CNN, presets, and train / resume / val / predict via 
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sgformer import cli
+from sgformer import cli, detection
 from sgformer.checkpoint import load_run
 from sgformer.coco import (
     CocoInstances,
@@ -440,6 +442,74 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "sgformer detect: error:" in capsys.readouterr().err
     assert cli.main(["detect", "val", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "checkpoint file not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dense_train_argv(tmp_path_factory) -> list[str]:
+    """``detect train`` on 4 tiny training scenes (2 iterations an epoch) and 2 validation."""
+    root = tmp_path_factory.mktemp("dense")
+    dense = Path(
+        write_shapes_dataset(
+            root, num_train=0, num_val=0, num_dense_train=4, num_dense_val=2, dense_img_size=SIDE
+        )["dense"]
+    )
+    return [
+        "detect", "train", "--schedule", "shapes", "-b", "2", "--seed", "5",
+        "--data-root", str(dense / "images" / "training"),
+        "--ann-file", str(dense / "instances_training.json"),
+        "--val-data-root", str(dense / "images" / "validation"),
+        "--val-ann-file", str(dense / "instances_validation.json"),
+        "--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0",
+    ]  # fmt: skip
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(
+    dense_train_argv, tmp_path, monkeypatch
+):
+    # The cut run dies right after its first checkpoint (epoch 1), as a kill between two
+    # checkpoints leaves it; resumed, it must give the uninterrupted run's numbers.
+    flags = ["--epochs", "3", "--eval-interval", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main([*dense_train_argv, *flags, "--output", str(full)]) == 0
+    real = detection.save_run
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise _Killed
+
+    monkeypatch.setattr(detection, "save_run", save_then_die)
+    with pytest.raises(_Killed):
+        cli.main([*dense_train_argv, *flags, "--output", str(cut)])
+    monkeypatch.setattr(detection, "save_run", real)
+    assert load_run(cut).state["epoch"] == 1
+    assert cli.main(["detect", "train", "--resume", str(cut)]) == 0
+    a, b = load_run(full).history, load_run(cut).history
+    assert [row["epoch"] for row in b] == [1, 2, 3]
+    for key in ("loss", "lr", "bbox_AP"):
+        for ra, rb in zip(a, b, strict=True):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
+
+
+def test_sigkill_at_a_random_point_then_resume_finishes(dense_train_argv, tmp_path):
+    out = tmp_path / "run"
+    argv = [*dense_train_argv, "--epochs", "3", "--output", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "sgformer", *argv], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 2))  # anywhere after the first checkpoint, maybe mid-write
+    proc.kill()  # SIGKILL
+    proc.wait()
+    done = load_run(out).state["epoch"]  # always a complete checkpoint
+    assert done in (1, 2, 3)
+    if done < 3:
+        assert cli.main(["detect", "train", "--resume", str(out)]) == 0
+    run = load_run(out)
+    assert run.state["epoch"] == 3 and [row["epoch"] for row in run.history] == [1, 2, 3]
 
 
 @pytest.mark.slow

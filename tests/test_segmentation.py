@@ -2,8 +2,10 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from torch import nn
 
 import sgformer
 from sgformer import segmentation as seg
+from sgformer.checkpoint import load_run
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
 from sgformer.engine import load_backbone_weights
@@ -392,6 +395,53 @@ def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
 def test_resume_of_a_finished_run_is_an_error(trained, capsys):
     assert main(["segment", "train", "--resume", str(trained)]) == 2
     assert "already finished 4 iterations" in capsys.readouterr().err
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(shapes, tmp_path, monkeypatch):
+    # 8 training images, batch 2: a pass is 4 iterations; the run dies right after the
+    # checkpoint at iteration 4, as a kill between two checkpoints leaves it.
+    flags = ["--iters", "8", "--val-interval", "4", "--seed", "5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(_train_argv(shapes, full, *flags)) == 0
+    real = seg.save_run
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise _Killed
+
+    monkeypatch.setattr(seg, "save_run", save_then_die)
+    with pytest.raises(_Killed):
+        main(_train_argv(shapes, cut, *flags))
+    monkeypatch.setattr(seg, "save_run", real)
+    assert load_run(cut).state["iteration"] == 4
+    assert main(["segment", "train", "--resume", str(cut)]) == 0
+    a, b = load_run(full).history, load_run(cut).history
+    assert [row["iteration"] for row in b] == [4, 8]
+    for key in ("train_loss", "mIoU", "aAcc", "lr"):
+        for ra, rb in zip(a, b, strict=True):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
+
+
+def test_sigkill_at_a_random_point_then_resume_finishes(shapes, tmp_path):
+    out = tmp_path / "run"
+    argv = _train_argv(shapes, out, "--iters", "6", "--val-interval", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "sgformer", *argv], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 2))  # anywhere after the first checkpoint, maybe mid-write
+    proc.kill()  # SIGKILL
+    proc.wait()
+    done = load_run(out).state["iteration"]  # always a complete checkpoint
+    assert done in (2, 4, 6)
+    if done < 6:
+        assert main(["segment", "train", "--resume", str(out)]) == 0
+    run = load_run(out)
+    assert run.state["iteration"] == 6 and [row["iteration"] for row in run.history] == [2, 4, 6]
 
 
 def test_bad_label_stops_training_with_file_and_value(shapes, tmp_path, capsys):

@@ -773,10 +773,13 @@ def _data_setup(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
     return Path(summary["dense"]), ["background", *summary["classes"]]
 
 
-def _endless(loader: DataLoader, first_pass: int) -> Iterator[Batch]:
-    """Batches forever: every pass over the data reshuffles (``set_epoch``)."""
+def _endless(loader: DataLoader, first_pass: int, seed: int, rank: int) -> Iterator[Batch]:
+    """Batches forever. Every pass over the data starts from a seed known from its number alone
+    (``epoch_seed``) and reshuffles (``set_epoch``), so a run resumed at a pass boundary repeats
+    the uninterrupted one."""
     pass_index = first_pass
     while True:
+        seed_everything(epoch_seed(seed, pass_index, rank))
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(pass_index)
         yield from loader
@@ -906,15 +909,13 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
                 PAPER_GLOBAL_BATCH,
             )
 
-    # Each pass over the data starts from a seed known from its number (engine.epoch_seed).
     passes = iteration // len(train_loader)
-    seed_everything(epoch_seed(args.seed, passes, dist_info.rank))
     loss_sum, loss_count, skipped, window_start = 0.0, 0, 0, time.perf_counter()
     row: dict[str, Any] = {}
     deadline = None if args.time_limit is None else time.perf_counter() + 60 * args.time_limit
     bar = progress_bar(args.iters - iteration, "train", dist_info.is_main)
     train_model.train()
-    for batch in _endless(train_loader, passes):
+    for batch in _endless(train_loader, passes, args.seed, dist_info.rank):
         batch.check()
         skipped += batch.unreadable
         if len(batch.images) == 0:
