@@ -22,6 +22,21 @@ def assert_close_relative(
     )
 
 
+# What a broken download or a full disk leaves instead of an image; every task must skip, count
+# and name such files, in training and in evaluation alike.
+UNREADABLE_IMAGES = (
+    b"\x89PNG\r\n\x1a\n not an image",  # corrupt: a PNG signature, then garbage
+    b"\xff\xd8\xff\xe0" + b"\0" * 20,  # truncated: a JPEG that stops after its header
+    b"",  # zero bytes
+)
+
+
+def break_images(paths: list[Path]) -> None:
+    """Overwrite each file with the next kind of unreadable image (cycling)."""
+    for i, path in enumerate(paths):
+        path.write_bytes(UNREADABLE_IMAGES[i % len(UNREADABLE_IMAGES)])
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict:
     """The published implementation's reference run (docs/design.md, "Reference data");

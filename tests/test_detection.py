@@ -4,6 +4,7 @@ the SG-Former + FPN Mask R-CNN, presets, and train / resume / val / predict via 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import break_images
 from sgformer import cli, detection
 from sgformer.checkpoint import load_run
 from sgformer.coco import (
@@ -445,14 +447,17 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.fixture(scope="module")
-def dense_train_argv(tmp_path_factory) -> list[str]:
-    """``detect train`` on 4 tiny training scenes (2 iterations an epoch) and 2 validation."""
+def dense(tmp_path_factory) -> Path:
+    """4 tiny training scenes (2 iterations an epoch at batch 2) and 2 validation scenes."""
     root = tmp_path_factory.mktemp("dense")
-    dense = Path(
+    return Path(
         write_shapes_dataset(
             root, num_train=0, num_val=0, num_dense_train=4, num_dense_val=2, dense_img_size=SIDE
         )["dense"]
     )
+
+
+def _dense_train_argv(dense: Path) -> list[str]:
     return [
         "detect", "train", "--schedule", "shapes", "-b", "2", "--seed", "5",
         "--data-root", str(dense / "images" / "training"),
@@ -467,14 +472,12 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(
-    dense_train_argv, tmp_path, monkeypatch
-):
+def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(dense, tmp_path, monkeypatch):
     # The cut run dies right after its first checkpoint (epoch 1), as a kill between two
     # checkpoints leaves it; resumed, it must give the uninterrupted run's numbers.
-    flags = ["--epochs", "3", "--eval-interval", "1"]
+    flags = [*_dense_train_argv(dense), "--epochs", "3", "--eval-interval", "1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli.main([*dense_train_argv, *flags, "--output", str(full)]) == 0
+    assert cli.main([*flags, "--output", str(full)]) == 0
     real = detection.save_run
 
     def save_then_die(*args, **kwargs):
@@ -483,7 +486,7 @@ def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(
 
     monkeypatch.setattr(detection, "save_run", save_then_die)
     with pytest.raises(_Killed):
-        cli.main([*dense_train_argv, *flags, "--output", str(cut)])
+        cli.main([*flags, "--output", str(cut)])
     monkeypatch.setattr(detection, "save_run", real)
     assert load_run(cut).state["epoch"] == 1
     assert cli.main(["detect", "train", "--resume", str(cut)]) == 0
@@ -494,9 +497,9 @@ def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
 
 
-def test_sigkill_at_a_random_point_then_resume_finishes(dense_train_argv, tmp_path):
+def test_sigkill_at_a_random_point_then_resume_finishes(dense, tmp_path):
     out = tmp_path / "run"
-    argv = [*dense_train_argv, "--epochs", "3", "--output", str(out)]
+    argv = [*_dense_train_argv(dense), "--epochs", "3", "--output", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "sgformer", *argv], stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "last.pth").exists() and time.time() < deadline:
@@ -510,6 +513,29 @@ def test_sigkill_at_a_random_point_then_resume_finishes(dense_train_argv, tmp_pa
         assert cli.main(["detect", "train", "--resume", str(out)]) == 0
     run = load_run(out)
     assert run.state["epoch"] == 3 and [row["epoch"] for row in run.history] == [1, 2, 3]
+
+
+def test_unreadable_images_are_skipped_counted_and_named(dense, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(dense, data)
+    train = sorted((data / "images" / "training").iterdir())[:3]  # corrupt, truncated, empty
+    val = sorted((data / "images" / "validation").iterdir())[1:]
+    break_images(train)
+    break_images(val)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert cli.main([*_dense_train_argv(data), "--epochs", "1", "--output", str(out)]) == 0
+    row = load_run(out).history[0]
+    assert (row["train_skipped"], row["val_skipped"], row["images"]) == (3, 1, 1)
+    for path in [*train, *val]:
+        assert path.name in caplog.text
+    results = tmp_path / "val.json"
+    val_argv = ["detect", "val", "--checkpoint", str(out), "--results-file", str(results)]
+    val_argv += ["--data-root", str(data / "images" / "validation")]
+    val_argv += ["--ann-file", str(data / "instances_validation.json")]
+    assert cli.main(val_argv) == 0
+    result = json.loads(results.read_text())
+    assert (result["images"], result["val_skipped"]) == (1, 1)
 
 
 @pytest.mark.slow

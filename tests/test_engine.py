@@ -61,6 +61,7 @@ def _copy_with_corrupt(shapes: Path, dst: Path) -> Path:
     shutil.copytree(shapes, dst)
     (dst / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     (dst / "val" / "star" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)
+    (dst / "val" / "ring" / "empty.png").write_bytes(b"")
     return dst
 
 
@@ -273,13 +274,13 @@ def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path, caplog):
         assert main(_train_argv(data, out, "--epochs", "1", "-b", "4")) == 0
     row = _summary(out)[0]
     # 33 train images, batch 4: the sampler drops 1 at random, so the broken one may be out
-    assert row["train_skipped"] in ("0", "1") and row["val_skipped"] == "1"
-    assert "truncated.jpg" in caplog.text
+    assert row["train_skipped"] in ("0", "1") and row["val_skipped"] == "2"
+    assert "truncated.jpg" in caplog.text and "empty.png" in caplog.text
     result = tmp_path / "val.json"
     argv = ["validate", "--data-dir", str(data), "--checkpoint", str(out / "last.pth")]
     assert main([*argv, "--results-file", str(result)]) == 0
     metrics = json.loads(result.read_text())
-    assert metrics["skipped"] == 1 and metrics["images"] == 16
+    assert metrics["skipped"] == 2 and metrics["images"] == 16
 
 
 @pytest.mark.parametrize(

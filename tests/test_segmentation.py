@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import sgformer
+from conftest import break_images
 from sgformer import segmentation as seg
 from sgformer.checkpoint import load_run
 from sgformer.cli import main
@@ -442,6 +444,30 @@ def test_sigkill_at_a_random_point_then_resume_finishes(shapes, tmp_path):
         assert main(["segment", "train", "--resume", str(out)]) == 0
     run = load_run(out)
     assert run.state["iteration"] == 6 and [row["iteration"] for row in run.history] == [2, 4, 6]
+
+
+def test_unreadable_images_are_skipped_counted_and_named(shapes, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    train = sorted((data / "images" / "training").iterdir())[:3]  # corrupt, truncated, empty
+    val = sorted((data / "images" / "validation").iterdir())[2:]
+    break_images(train)
+    break_images(val)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(_train_argv(data, out)) == 0
+    history = load_run(out).history
+    # Every broken file is counted each time a pass reaches it; a batch left with one image is
+    # passed over (BatchNorm), so the 4 iterations may reach into a second pass.
+    assert [row["iteration"] for row in history] == [2, 4]
+    assert sum(row["train_skipped"] for row in history) >= 3
+    assert [row["val_skipped"] for row in history] == [1, 1]
+    for path in [*train, *val]:
+        assert path.name in caplog.text
+    results = tmp_path / "val.json"
+    assert main(["segment", "val", "--checkpoint", str(out), "--results-file", str(results)]) == 0
+    result = json.loads(results.read_text())
+    assert (result["images"], result["skipped"]) == (2, 1)
 
 
 def test_bad_label_stops_training_with_file_and_value(shapes, tmp_path, capsys):

@@ -84,6 +84,7 @@ AUX_WEIGHT = 0.4  # mmseg UperNet configs: auxiliary FCN head on stage 3, loss w
 AUX_STAGE = 3  # stage 3 (stride 16) as mmseg's ``in_index=2``
 AUX_CHANNELS = 256  # mmseg FCNHead channels for Swin/PVT-sized backbones
 AUX_DROPOUT = 0.1
+MIN_BATCHNORM_BATCH = 2  # BatchNorm in training needs two samples (PPM cells are 1 x 1)
 SCALE_RANGE = (0.5, 2.0)  # mmseg ``ratio_range`` of the ADE20K pipeline
 LONG_TO_SHORT = 4  # mmseg ``img_scale=(2048, 512)``: long side budget = 4 x short side
 CAT_MAX_RATIO = 0.75  # a random crop may be at most 75 % one class (mmseg RandomCrop)
@@ -918,7 +919,9 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
     for batch in _endless(train_loader, passes, args.seed, dist_info.rank):
         batch.check()
         skipped += batch.unreadable
-        if len(batch.images) == 0:
+        # A batch that unreadable files left with one image is passed over too: the heads'
+        # BatchNorm cannot train on a single sample.
+        if len(batch.images) < min(MIN_BATCHNORM_BATCH, args.batch_size):
             continue
         images, labels = batch.images.to(dist_info.device), batch.labels.to(dist_info.device)
         with autocast(dist_info.device, args.amp, amp_dtype):
