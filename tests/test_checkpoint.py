@@ -166,9 +166,13 @@ LEGACY_KEYS = {
 }  # fmt: skip
 
 
+NEWER_FLAGS = ("log",)  # flags added since format 1: legacy runs resume with their defaults
+
+
 def legacy_checkpoint(checkpoint: dict) -> dict:
     """A current-format checkpoint rewritten in the schema its task's trainer used before."""
     flat = {**checkpoint, **checkpoint["state"], **checkpoint["data"]}
+    flat["args"] = {k: v for k, v in checkpoint["args"].items() if k not in NEWER_FLAGS}
     return {key: flat.get(key) for key in LEGACY_KEYS[checkpoint["task"]]}
 
 

@@ -388,8 +388,9 @@ def test_detect_train_resume_val_predict(tmp_path: Path, capsys: pytest.CaptureF
     ]  # fmt: skip
     train = ["detect", "train", *data_flags, "--schedule", "shapes", "-b", "2"]
     small = ["--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0"]
-    once = ["--epochs", "2", "--eval-interval", "2", "--output", str(run)]
+    once = ["--epochs", "2", "--eval-interval", "2", "--output", str(run), "--log", "tensorboard"]
     assert cli.main([*train, *small, *once]) == 0
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     first = load_run(run, "detection")
     assert (first.state["epoch"], first.state["iteration"]) == (2, 4)  # 4 images / batch 2
     assert "bbox_AP" not in first.history[0] and "bbox_AP" in first.history[1]

@@ -53,7 +53,8 @@ def shapes(tmp_path_factory) -> Path:
 def trained(shapes, tmp_path_factory) -> Path:
     """A finished 3-epoch run with EMA (shared by the validate/predict tests)."""
     out = tmp_path_factory.mktemp("run")
-    assert main(_train_argv(shapes, out, "--model-ema", "--model-ema-decay", "0.9")) == 0
+    argv = _train_argv(shapes, out, "--model-ema", "--model-ema-decay", "0.9")
+    assert main([*argv, "--log", "tensorboard"]) == 0
     return out
 
 
@@ -105,6 +106,7 @@ def test_train_writes_checkpoints_summary_args_and_curves(trained, shapes):
     args = yaml.safe_load((trained / "args.yaml").read_text())
     assert args["model"] == "sgformer_nano" and args["num_classes"] == 8
     assert (trained / "curves.png").stat().st_size > 10_000
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))  # --log tensorboard
     ckpt = torch.load(trained / "last.pth", weights_only=True)
     assert (ckpt["format_version"], ckpt["task"]) == (FORMAT_VERSION, "classification")
     for key in ("model", "model_ema", "optimizer", "scheduler", "epoch"):

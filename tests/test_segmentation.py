@@ -63,7 +63,7 @@ def _train_argv(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(shapes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(_train_argv(shapes, out, "--aux-head")) == 0
+    assert main(_train_argv(shapes, out, "--aux-head", "--log", "tensorboard")) == 0
     return out
 
 
@@ -392,6 +392,19 @@ def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
     assert state["optimizer"]["state"][0]["step"] == 6
     assert state["scheduler"]["last_epoch"] == 6
     assert [row["iteration"] for row in checkpoint["history"]] == [2, 4, 6]
+
+
+def test_log_tensorboard_writes_each_evaluation_beside_the_csv(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "mIoU", "aAcc", "lr", "val_skipped"} <= set(events.Tags()["scalars"])
+    history = load_run(trained).history
+    for key in ("train_loss", "mIoU"):
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [row["iteration"] for row in history] == [2, 4]
+        assert [p.value for p in points] == pytest.approx([row[key] for row in history], rel=1e-6)
 
 
 def test_resume_of_a_finished_run_is_an_error(trained, capsys):

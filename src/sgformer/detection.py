@@ -63,6 +63,7 @@ from .engine import (
 from .model import create_model
 from .runtime import (
     Distributed,
+    ScalarLog,
     amp_settings,
     autocast,
     epoch_seed,
@@ -123,6 +124,7 @@ DETECT_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "output": "runs/detect",
     "log_interval": 50,
+    "log": "csv",
     "eval_interval": 1,
     "time_limit": None,  # minutes of training (wall clock) after which the run stops
     "device": None,
@@ -200,6 +202,7 @@ RESUME_OVERRIDABLE = {
     "output",
     "workers",
     "log_interval",
+    "log",
     "eval_interval",
     "device",
     "time_limit",
@@ -618,7 +621,7 @@ def evaluate(
 
 def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, Run]:
     """Arguments of a resumed run: the checkpoint's, with the few a restart may change."""
-    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK)
+    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK, DETECT_DEFAULTS)
     for key in ("short_side", "anchor_sizes", "lr_steps"):
         setattr(args, key, tuple(getattr(args, key)))
     args.time_limit = given.get("time_limit")  # a limit is for one session, not the run
@@ -707,6 +710,7 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
     check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
     train_model = wrap_distributed(model, dist_info)
+    scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)
         _logger.info(
@@ -782,6 +786,7 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
             run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
             save_run(output, run, is_best)
             write_summary_csv(output, history, SUMMARY_FIELDS)
+            scalars.write(row, epoch + 1)
         _logger.info(
             "epoch %d/%d  loss %.4f  lr %.3g  %.1f img/s  bbox AP %s AP50 %s  segm AP %s",
             epoch + 1,
@@ -798,6 +803,7 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
                 "--time-limit of %g minutes reached at iteration %d", args.time_limit, iteration
             )
             break
+    scalars.close()
     if dist_info.enabled:
         dist.barrier()
     return {

@@ -51,6 +51,7 @@ from .checkpoint import (
 from .model import MIN_INPUT_SIZE, checkpoint_filter_fn, create_model
 from .runtime import (
     Distributed,
+    ScalarLog,
     amp_settings,
     autocast,
     check_ranks_in_sync,
@@ -186,6 +187,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "output": "runs/train",
     "log_interval": 50,
+    "log": "csv",
     "device": None,
     "data_dir": None,
     "recipe": None,
@@ -197,6 +199,7 @@ RESUME_OVERRIDABLE = {
     "output",
     "workers",
     "log_interval",
+    "log",
     "device",
     "data_dir",
     "channels_last",
@@ -903,13 +906,17 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def resume_args(
-    given: dict[str, Any], overridable: set[str], preset_key: str, task: str
+    given: dict[str, Any],
+    overridable: set[str],
+    preset_key: str,
+    task: str,
+    defaults: dict[str, Any],
 ) -> tuple[argparse.Namespace, Run]:
     """Arguments of a resumed run: the checkpoint's, except the ``overridable`` flags given
     again; other given flags that differ are reported as ignored. Also for detection and
     segmentation (their preset flag is ``preset_key``, never re-applied)."""
     run = load_run(given["resume"], task)
-    args = argparse.Namespace(**run.args)
+    args = argparse.Namespace(**{**defaults, **run.args})  # flags newer than the checkpoint
     ignored = []
     for key, value in given.items():
         if value is None or key in ("resume", preset_key):
@@ -941,7 +948,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
     """
     resumed: Run | None = None
     if given.get("resume"):
-        args, resumed = resume_args(given, RESUME_OVERRIDABLE, "recipe", TASK)
+        args, resumed = resume_args(given, RESUME_OVERRIDABLE, "recipe", TASK, TRAIN_DEFAULTS)
     else:
         args = resolve_train_args(given)
     if args.data_dir is None:
@@ -1059,6 +1066,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
     check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
     train_model = wrap_distributed(model, dist_info)
+    scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)
         _logger.info(
@@ -1136,6 +1144,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
             run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
             save_run(output, run, is_best)
             write_summary(output, history)
+            scalars.write(row, epoch + 1)
         skipped = row["train_skipped"] + row["val_skipped"]
         _logger.info(
             "epoch %d/%d  train loss %.4f  val loss %.4f  top-1 %.2f  top-5 %.2f  lr %.3g  "
@@ -1150,6 +1159,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
             row["images_per_s"],
             f"  skipped {skipped} unreadable images" if skipped else "",
         )
+    scalars.close()
     if dist_info.enabled:
         dist.barrier()
     return {**row, "best_top1": best["top1"], "best_epoch": best["epoch"], "output": str(output)}

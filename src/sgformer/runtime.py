@@ -11,6 +11,8 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 _logger = logging.getLogger(__name__)
+
+LOG_FORMATS = ("csv", "tensorboard")  # summary.csv always; TensorBoard scalars beside it
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -140,3 +145,34 @@ def wrap_distributed(model: nn.Module, dist_info: Distributed) -> nn.Module:
         return model
     device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+class ScalarLog:
+    """TensorBoard scalars beside ``summary.csv`` (``--log tensorboard``), in
+    ``OUTPUT/tensorboard``: one point per number of each logged row. A no-op otherwise."""
+
+    def __init__(self, output: Path, log: str, enabled: bool = True):
+        if log not in LOG_FORMATS:
+            raise ValueError(f"--log must be one of {', '.join(LOG_FORMATS)}, got {log!r}")
+        self.writer = None
+        if log == "tensorboard" and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError(
+                    "--log tensorboard needs the tensorboard package: "
+                    "pip install 'sgformer[tensorboard]'"
+                ) from err
+            self.writer = SummaryWriter(log_dir=str(Path(output) / TENSORBOARD_DIR))
+
+    def write(self, row: dict[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

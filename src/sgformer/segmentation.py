@@ -62,6 +62,7 @@ from .engine import (
 )
 from .runtime import (
     Distributed,
+    ScalarLog,
     amp_settings,
     autocast,
     epoch_seed,
@@ -203,6 +204,7 @@ SEG_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output": "runs/segment",
     "log_interval": 50,
+    "log": "csv",
     "device": None,
 }
 # On --resume these come from the command line; everything else from the checkpoint.
@@ -211,6 +213,7 @@ RESUME_OVERRIDABLE = {
     "output",
     "workers",
     "log_interval",
+    "log",
     "device",
     "val_interval",
     "time_limit",
@@ -788,7 +791,7 @@ def _endless(loader: DataLoader, first_pass: int, seed: int, rank: int) -> Itera
 
 
 def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, Run]:
-    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK)
+    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK, SEG_DEFAULTS)
     args.scale_range = tuple(args.scale_range)
     return args, run
 
@@ -888,6 +891,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         collate_fn=collate_samples,
     )
     train_model = wrap_distributed(model, dist_info)
+    scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)
         _logger.info(
@@ -998,6 +1002,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
             run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
             save_run(output, run, is_best)
             write_summary_csv(output, history, SUMMARY_FIELDS)
+            scalars.write(row, iteration)
         _logger.info(
             "iteration %d/%d  train loss %.4f  mIoU %.2f  aAcc %.2f  lr %.3g  %.2f it/s",
             iteration,
@@ -1013,6 +1018,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         loss_sum, loss_count, skipped, window_start = 0.0, 0, 0, time.perf_counter()
         train_model.train()
     bar.close()
+    scalars.close()
     if dist_info.enabled:
         dist.barrier()
     return {
