@@ -1,4 +1,11 @@
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -35,6 +42,56 @@ def break_images(paths: list[Path]) -> None:
     """Overwrite each file with the next kind of unreadable image (cycling)."""
     for i, path in enumerate(paths):
         path.write_bytes(UNREADABLE_IMAGES[i % len(UNREADABLE_IMAGES)])
+
+
+def copy_with_unreadable_images(src: Path, dst: Path, picks: dict[str, slice]) -> list[Path]:
+    """A copy of the dataset ``src`` whose picked files (folder -> slice of its sorted files)
+    are broken by ``break_images``; returns the broken files."""
+    shutil.copytree(src, dst)
+    broken = []
+    for folder, pick in picks.items():
+        paths = sorted((dst / folder).iterdir())[pick]
+        break_images(paths)
+        broken += paths
+    return broken
+
+
+class Killed(Exception):
+    """A run stopped right after it wrote a checkpoint, as a kill between two leaves it."""
+
+
+def run_until_first_checkpoint(monkeypatch, module: Any, run: Callable[[], Any]) -> None:
+    """Call ``run`` (a training command) with ``module.save_run`` raising ``Killed`` once it has
+    written the run's first checkpoint."""
+    real = module.save_run
+
+    def save_then_die(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "save_run", save_then_die)
+        with pytest.raises(Killed):
+            run()
+
+
+def assert_same_rows(expected: list[dict], actual: list[dict], keys: tuple[str, ...]) -> None:
+    """Per-epoch (or per-evaluation) numbers of two runs equal within 1e-5."""
+    for key in keys:
+        for row_e, row_a in zip(expected, actual, strict=True):
+            assert row_a[key] == pytest.approx(row_e[key], rel=1e-5, abs=1e-7), key
+
+
+def kill_after_first_checkpoint(argv: list[str], out: Path) -> None:
+    """Run ``sgformer ARGV`` in a subprocess and SIGKILL it at a random moment after its first
+    checkpoint in ``out`` (maybe while it writes the next one)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sgformer", *argv], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 2))
+    proc.kill()  # SIGKILL
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

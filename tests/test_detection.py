@@ -3,11 +3,8 @@ the SG-Former + FPN Mask R-CNN, presets, and train / resume / val / predict via 
 
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import break_images
+from conftest import (
+    assert_same_rows,
+    copy_with_unreadable_images,
+    kill_after_first_checkpoint,
+    run_until_first_checkpoint,
+)
 from sgformer import cli, detection
 from sgformer.checkpoint import load_run
 from sgformer.coco import (
@@ -469,45 +471,27 @@ def _dense_train_argv(dense: Path) -> list[str]:
     ]  # fmt: skip
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(dense, tmp_path, monkeypatch):
     # The cut run dies right after its first checkpoint (epoch 1), as a kill between two
     # checkpoints leaves it; resumed, it must give the uninterrupted run's numbers.
     flags = [*_dense_train_argv(dense), "--epochs", "3", "--eval-interval", "1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert cli.main([*flags, "--output", str(full)]) == 0
-    real = detection.save_run
-
-    def save_then_die(*args, **kwargs):
-        real(*args, **kwargs)
-        raise _Killed
-
-    monkeypatch.setattr(detection, "save_run", save_then_die)
-    with pytest.raises(_Killed):
-        cli.main([*flags, "--output", str(cut)])
-    monkeypatch.setattr(detection, "save_run", real)
+    run_until_first_checkpoint(
+        monkeypatch, detection, lambda: cli.main([*flags, "--output", str(cut)])
+    )
     assert load_run(cut).state["epoch"] == 1
     assert cli.main(["detect", "train", "--resume", str(cut)]) == 0
-    a, b = load_run(full).history, load_run(cut).history
-    assert [row["epoch"] for row in b] == [1, 2, 3]
-    for key in ("loss", "lr", "bbox_AP"):
-        for ra, rb in zip(a, b, strict=True):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
+    resumed = load_run(cut).history
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert_same_rows(load_run(full).history, resumed, ("loss", "lr", "bbox_AP"))
 
 
 def test_sigkill_at_a_random_point_then_resume_finishes(dense, tmp_path):
     out = tmp_path / "run"
-    argv = [*_dense_train_argv(dense), "--epochs", "3", "--output", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "sgformer", *argv], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "last.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 2))  # anywhere after the first checkpoint, maybe mid-write
-    proc.kill()  # SIGKILL
-    proc.wait()
+    kill_after_first_checkpoint(
+        [*_dense_train_argv(dense), "--epochs", "3", "--output", str(out)], out
+    )
     done = load_run(out).state["epoch"]  # always a complete checkpoint
     assert done in (1, 2, 3)
     if done < 3:
@@ -517,18 +501,15 @@ def test_sigkill_at_a_random_point_then_resume_finishes(dense, tmp_path):
 
 
 def test_unreadable_images_are_skipped_counted_and_named(dense, tmp_path, caplog):
-    data = tmp_path / "data"
-    shutil.copytree(dense, data)
-    train = sorted((data / "images" / "training").iterdir())[:3]  # corrupt, truncated, empty
-    val = sorted((data / "images" / "validation").iterdir())[1:]
-    break_images(train)
-    break_images(val)
+    data = tmp_path / "data"  # 3 of 4 training images broken (one of each kind), 1 of 2 val
+    picks = {"images/training": slice(3), "images/validation": slice(1, None)}
+    broken = copy_with_unreadable_images(dense, data, picks)
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
         assert cli.main([*_dense_train_argv(data), "--epochs", "1", "--output", str(out)]) == 0
     row = load_run(out).history[0]
     assert (row["train_skipped"], row["val_skipped"], row["images"]) == (3, 1, 1)
-    for path in [*train, *val]:
+    for path in broken:
         assert path.name in caplog.text
     results = tmp_path / "val.json"
     val_argv = ["detect", "val", "--checkpoint", str(out), "--results-file", str(results)]
@@ -553,16 +534,9 @@ def test_detect_train_two_processes(tmp_path: Path) -> None:
         )["dense"]
     )
     run = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sgformer",
-        "detect", "train", "--schedule", "shapes", "--epochs", "1", "-b", "2",
-        "--data-root", str(dense / "images" / "training"),
-        "--ann-file", str(dense / "instances_training.json"),
-        "--val-data-root", str(dense / "images" / "validation"),
-        "--val-ann-file", str(dense / "instances_validation.json"),
-        "--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0",
-        "--output", str(run),
-    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "sgformer", *_dense_train_argv(dense), "--epochs", "1"]
+    command += ["--output", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,11 +2,8 @@
 
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,12 @@ from PIL import Image
 from torch import nn
 
 import sgformer
-from conftest import break_images
+from conftest import (
+    assert_same_rows,
+    copy_with_unreadable_images,
+    kill_after_first_checkpoint,
+    run_until_first_checkpoint,
+)
 from sgformer import segmentation as seg
 from sgformer.checkpoint import load_run
 from sgformer.cli import main
@@ -412,45 +414,25 @@ def test_resume_of_a_finished_run_is_an_error(trained, capsys):
     assert "already finished 4 iterations" in capsys.readouterr().err
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(shapes, tmp_path, monkeypatch):
     # 8 training images, batch 2: a pass is 4 iterations; the run dies right after the
     # checkpoint at iteration 4, as a kill between two checkpoints leaves it.
     flags = ["--iters", "8", "--val-interval", "4", "--seed", "5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(_train_argv(shapes, full, *flags)) == 0
-    real = seg.save_run
-
-    def save_then_die(*args, **kwargs):
-        real(*args, **kwargs)
-        raise _Killed
-
-    monkeypatch.setattr(seg, "save_run", save_then_die)
-    with pytest.raises(_Killed):
-        main(_train_argv(shapes, cut, *flags))
-    monkeypatch.setattr(seg, "save_run", real)
+    run_until_first_checkpoint(monkeypatch, seg, lambda: main(_train_argv(shapes, cut, *flags)))
     assert load_run(cut).state["iteration"] == 4
     assert main(["segment", "train", "--resume", str(cut)]) == 0
-    a, b = load_run(full).history, load_run(cut).history
-    assert [row["iteration"] for row in b] == [4, 8]
-    for key in ("train_loss", "mIoU", "aAcc", "lr"):
-        for ra, rb in zip(a, b, strict=True):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
+    resumed = load_run(cut).history
+    assert [row["iteration"] for row in resumed] == [4, 8]
+    assert_same_rows(load_run(full).history, resumed, ("train_loss", "mIoU", "aAcc", "lr"))
 
 
 def test_sigkill_at_a_random_point_then_resume_finishes(shapes, tmp_path):
     out = tmp_path / "run"
-    argv = _train_argv(shapes, out, "--iters", "6", "--val-interval", "2")
-    proc = subprocess.Popen([sys.executable, "-m", "sgformer", *argv], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "last.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 2))  # anywhere after the first checkpoint, maybe mid-write
-    proc.kill()  # SIGKILL
-    proc.wait()
+    kill_after_first_checkpoint(
+        _train_argv(shapes, out, "--iters", "6", "--val-interval", "2"), out
+    )
     done = load_run(out).state["iteration"]  # always a complete checkpoint
     assert done in (2, 4, 6)
     if done < 6:
@@ -460,12 +442,9 @@ def test_sigkill_at_a_random_point_then_resume_finishes(shapes, tmp_path):
 
 
 def test_unreadable_images_are_skipped_counted_and_named(shapes, tmp_path, caplog):
-    data = tmp_path / "data"
-    shutil.copytree(shapes, data)
-    train = sorted((data / "images" / "training").iterdir())[:3]  # corrupt, truncated, empty
-    val = sorted((data / "images" / "validation").iterdir())[2:]
-    break_images(train)
-    break_images(val)
+    data = tmp_path / "data"  # 3 of 8 training images broken (one of each kind), 1 of 3 val
+    picks = {"images/training": slice(3), "images/validation": slice(2, None)}
+    broken = copy_with_unreadable_images(shapes, data, picks)
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
         assert main(_train_argv(data, out)) == 0
@@ -475,7 +454,7 @@ def test_unreadable_images_are_skipped_counted_and_named(shapes, tmp_path, caplo
     assert [row["iteration"] for row in history] == [2, 4]
     assert sum(row["train_skipped"] for row in history) >= 3
     assert [row["val_skipped"] for row in history] == [1, 1]
-    for path in [*train, *val]:
+    for path in broken:
         assert path.name in caplog.text
     results = tmp_path / "val.json"
     assert main(["segment", "val", "--checkpoint", str(out), "--results-file", str(results)]) == 0
