@@ -11,7 +11,7 @@ TIMM_TESTS := $(VENV)/timm-sdist
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dense,viz,dev,deploy]"
+	$(BIN)/python -m pip install -q -e ".[dense,viz,dev,deploy,tensorboard]"
 	rm -rf $(TIMM_TESTS) && mkdir -p $(TIMM_TESTS)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(TIMM_TESTS) \
 		"timm==$$($(BIN)/python -c 'import timm; print(timm.__version__)')"

@@ -12,8 +12,8 @@ The published model file is not part of this project; give its path:
 The file is imported as it is (its folder goes on sys.path for its own imports, ``np.float`` is
 restored for its numpy use, and its ``@register_model`` is made a no-op so that it does not
 replace this package's timm entries). Its models are built with the published configuration of
-each variant (SPEC "Variants") and random weights: speed does not depend on the values. The
-measurement options are those of ``sgformer benchmark``.
+each variant (docs/design.md "Variants") and random weights: speed does not depend on the
+values. The measurement options are those of ``sgformer benchmark``.
 """
 
 import argparse

@@ -12,7 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sgformer import cli
+from conftest import (
+    assert_same_rows,
+    copy_with_unreadable_images,
+    kill_after_first_checkpoint,
+    run_until_first_checkpoint,
+)
+from sgformer import cli, detection
+from sgformer.checkpoint import load_run
 from sgformer.coco import (
     CocoInstances,
     encode_mask,
@@ -28,7 +35,6 @@ from sgformer.detection import (
     param_groups,
     resolve_detect_args,
 )
-from sgformer.engine import load_checkpoint
 from sgformer.model import create_model
 
 SIDE = 64
@@ -384,24 +390,25 @@ def test_detect_train_resume_val_predict(tmp_path: Path, capsys: pytest.CaptureF
     ]  # fmt: skip
     train = ["detect", "train", *data_flags, "--schedule", "shapes", "-b", "2"]
     small = ["--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0"]
-    once = ["--epochs", "2", "--eval-interval", "2", "--output", str(run)]
+    once = ["--epochs", "2", "--eval-interval", "2", "--output", str(run), "--log", "tensorboard"]
     assert cli.main([*train, *small, *once]) == 0
-    first = load_checkpoint(run)
-    assert (first["epoch"], first["iteration"]) == (2, 4)  # 4 images / batch 2
-    assert "bbox_AP" not in first["history"][0] and "bbox_AP" in first["history"][1]
-    assert first["best"]["epoch"] == 2
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    first = load_run(run, "detection")
+    assert (first.state["epoch"], first.state["iteration"]) == (2, 4)  # 4 images / batch 2
+    assert "bbox_AP" not in first.history[0] and "bbox_AP" in first.history[1]
+    assert first.best["epoch"] == 2
     assert (run / "summary.csv").read_text().count("\n") == 3
 
     # Resumed with a time limit that has passed after one iteration: stops inside epoch 3.
     resume = ["detect", "train", "--resume", str(run), "--epochs", "4"]
     assert cli.main([*resume, "--time-limit", "1e-6"]) == 0
-    second = load_checkpoint(run)
-    assert (second["epoch"], second["iteration"]) == (3, 5)
-    assert second["history"][2]["time_limited"] and "bbox_AP" in second["history"][2]
-    assert second["history"][:2] == first["history"]
-    steps = {int(s["step"]) for s in second["optimizer"]["state"].values()}
+    second = load_run(run, "detection")
+    assert (second.state["epoch"], second.state["iteration"]) == (3, 5)
+    assert second.history[2]["time_limited"] and "bbox_AP" in second.history[2]
+    assert second.history[:2] == first.history
+    steps = {int(s["step"]) for s in second.state["optimizer"]["state"].values()}
     assert steps == {5}  # AdamW moments continued from the checkpoint's, not restarted
-    assert second["scheduler"]["last_epoch"] == 5
+    assert second.state["scheduler"]["last_epoch"] == 5
 
     assert cli.main(["detect", "train", "--resume", str(run), "--epochs", "3"]) == 2
     assert "already finished 3 epochs" in capsys.readouterr().err
@@ -442,6 +449,77 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "checkpoint file not found" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """4 tiny training scenes (2 iterations an epoch at batch 2) and 2 validation scenes."""
+    root = tmp_path_factory.mktemp("dense")
+    return Path(
+        write_shapes_dataset(
+            root, num_train=0, num_val=0, num_dense_train=4, num_dense_val=2, dense_img_size=SIDE
+        )["dense"]
+    )
+
+
+def _dense_train_argv(dense: Path) -> list[str]:
+    return [
+        "detect", "train", "--schedule", "shapes", "-b", "2", "--seed", "5",
+        "--data-root", str(dense / "images" / "training"),
+        "--ann-file", str(dense / "instances_training.json"),
+        "--val-data-root", str(dense / "images" / "validation"),
+        "--val-ann-file", str(dense / "instances_validation.json"),
+        "--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0",
+    ]  # fmt: skip
+
+
+def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(dense, tmp_path, monkeypatch):
+    # The cut run dies right after its first checkpoint (epoch 1), as a kill between two
+    # checkpoints leaves it; resumed, it must give the uninterrupted run's numbers.
+    flags = [*_dense_train_argv(dense), "--epochs", "3", "--eval-interval", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main([*flags, "--output", str(full)]) == 0
+    run_until_first_checkpoint(
+        monkeypatch, detection, lambda: cli.main([*flags, "--output", str(cut)])
+    )
+    assert load_run(cut).state["epoch"] == 1
+    assert cli.main(["detect", "train", "--resume", str(cut)]) == 0
+    resumed = load_run(cut).history
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert_same_rows(load_run(full).history, resumed, ("loss", "lr", "bbox_AP"))
+
+
+def test_sigkill_at_a_random_point_then_resume_finishes(dense, tmp_path):
+    out = tmp_path / "run"
+    kill_after_first_checkpoint(
+        [*_dense_train_argv(dense), "--epochs", "3", "--output", str(out)], out
+    )
+    done = load_run(out).state["epoch"]  # always a complete checkpoint
+    assert done in (1, 2, 3)
+    if done < 3:
+        assert cli.main(["detect", "train", "--resume", str(out)]) == 0
+    run = load_run(out)
+    assert run.state["epoch"] == 3 and [row["epoch"] for row in run.history] == [1, 2, 3]
+
+
+def test_unreadable_images_are_skipped_counted_and_named(dense, tmp_path, caplog):
+    data = tmp_path / "data"  # 3 of 4 training images broken (one of each kind), 1 of 2 val
+    picks = {"images/training": slice(3), "images/validation": slice(1, None)}
+    broken = copy_with_unreadable_images(dense, data, picks)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert cli.main([*_dense_train_argv(data), "--epochs", "1", "--output", str(out)]) == 0
+    row = load_run(out).history[0]
+    assert (row["train_skipped"], row["val_skipped"], row["images"]) == (3, 1, 1)
+    for path in broken:
+        assert path.name in caplog.text
+    results = tmp_path / "val.json"
+    val_argv = ["detect", "val", "--checkpoint", str(out), "--results-file", str(results)]
+    val_argv += ["--data-root", str(data / "images" / "validation")]
+    val_argv += ["--ann-file", str(data / "instances_validation.json")]
+    assert cli.main(val_argv) == 0
+    result = json.loads(results.read_text())
+    assert (result["images"], result["val_skipped"]) == (1, 1)
+
+
 @pytest.mark.slow
 def test_detect_train_two_processes(tmp_path: Path) -> None:
     """torchrun, 2 gloo processes: one shard each, losses and AP over both, rank-0 checkpoint."""
@@ -456,19 +534,13 @@ def test_detect_train_two_processes(tmp_path: Path) -> None:
         )["dense"]
     )
     run = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sgformer",
-        "detect", "train", "--schedule", "shapes", "--epochs", "1", "-b", "2",
-        "--data-root", str(dense / "images" / "training"),
-        "--ann-file", str(dense / "instances_training.json"),
-        "--val-data-root", str(dense / "images" / "validation"),
-        "--val-ann-file", str(dense / "instances_validation.json"),
-        "--short-side", str(SIDE), "--max-size", str(SIDE), "--workers", "0",
-        "--output", str(run),
-    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "sgformer", *_dense_train_argv(dense), "--epochs", "1"]
+    command += ["--output", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = load_checkpoint(run)
-    assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 2)  # 8 images / (2 x 2)
-    assert checkpoint["metrics"]["images"] == 3  # the odd image is evaluated once, not twice
+    checkpoint = load_run(run, "detection")
+    state = checkpoint.state
+    assert (state["epoch"], state["iteration"]) == (1, 2)  # 8 images / (2 x 2)
+    assert state["metrics"]["images"] == 3  # the odd image is evaluated once, not twice

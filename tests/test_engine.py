@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from sgformer import engine
+from sgformer.checkpoint import FORMAT_VERSION
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
 
@@ -52,7 +53,8 @@ def shapes(tmp_path_factory) -> Path:
 def trained(shapes, tmp_path_factory) -> Path:
     """A finished 3-epoch run with EMA (shared by the validate/predict tests)."""
     out = tmp_path_factory.mktemp("run")
-    assert main(_train_argv(shapes, out, "--model-ema", "--model-ema-decay", "0.9")) == 0
+    argv = _train_argv(shapes, out, "--model-ema", "--model-ema-decay", "0.9")
+    assert main([*argv, "--log", "tensorboard"]) == 0
     return out
 
 
@@ -60,6 +62,7 @@ def _copy_with_corrupt(shapes: Path, dst: Path) -> Path:
     shutil.copytree(shapes, dst)
     (dst / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     (dst / "val" / "star" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)
+    (dst / "val" / "ring" / "empty.png").write_bytes(b"")
     return dst
 
 
@@ -103,13 +106,17 @@ def test_train_writes_checkpoints_summary_args_and_curves(trained, shapes):
     args = yaml.safe_load((trained / "args.yaml").read_text())
     assert args["model"] == "sgformer_nano" and args["num_classes"] == 8
     assert (trained / "curves.png").stat().st_size > 10_000
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))  # --log tensorboard
     ckpt = torch.load(trained / "last.pth", weights_only=True)
-    for key in ("model", "model_ema", "optimizer", "scheduler", "epoch", "model_name", "args"):
-        assert ckpt[key] is not None, key
-    assert ckpt["epoch"] == 3 and ckpt["model_kwargs"]["num_classes"] == 8
-    assert ckpt["class_names"] == sorted(p.name for p in (shapes / "train").iterdir())
+    assert (ckpt["format_version"], ckpt["task"]) == (FORMAT_VERSION, "classification")
+    for key in ("model", "model_ema", "optimizer", "scheduler", "epoch"):
+        assert ckpt["state"][key] is not None, key
+    assert ckpt["model_name"] == "sgformer_nano" and ckpt["args"]["epochs"] == 3
+    assert ckpt["state"]["epoch"] == 3 and ckpt["model_kwargs"]["num_classes"] == 8
+    assert ckpt["data"]["class_names"] == sorted(p.name for p in (shapes / "train").iterdir())
+    assert len(ckpt["history"]) == 3 and ckpt["best"]["top1"] >= 0
     best = torch.load(trained / "best.pth", weights_only=True)
-    assert best["metrics"]["top1"] == max(float(r["top1"]) for r in rows)
+    assert best["state"]["metrics"]["top1"] == max(float(r["top1"]) for r in rows)
     assert not list(trained.glob(".*tmp*")), "temp files left behind"
 
 
@@ -171,12 +178,12 @@ def test_tar_datasets_read_like_the_folder(shapes, tmp_path, capsys):
     folder_row, folder_ckpt = runs["folder"]
     # Same files in the same order as the folder: the same run.
     row, ckpt = runs["one_tar"]
-    assert ckpt["class_names"] == folder_ckpt["class_names"]
+    assert ckpt["data"]["class_names"] == folder_ckpt["data"]["class_names"]
     for key in ("train_loss", "val_loss", "top1"):
         assert float(row[key]) == pytest.approx(float(folder_row[key]), abs=1e-5), key
     # Per-class tars list the images in another order: the run differs, the classes agree.
     row, ckpt = runs["per_class"]
-    assert ckpt["class_names"] == folder_ckpt["class_names"]
+    assert ckpt["data"]["class_names"] == folder_ckpt["data"]["class_names"]
     bad = ["train", "--dataset", "tar", "--data-dir", str(shapes), "--output", str(tmp_path / "x")]
     assert main(bad) != 0
     assert "no 'train' split" in capsys.readouterr().err  # a folder tree is not a tar layout
@@ -224,25 +231,10 @@ def test_sigkill_at_any_point_resumes_from_last_complete_checkpoint(shapes, tmp_
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # right after the first checkpoint: maybe mid-write
     proc.wait()
-    done = torch.load(out / "last.pth", weights_only=True)["epoch"]
+    done = torch.load(out / "last.pth", weights_only=True)["state"]["epoch"]
     assert done >= 1
     assert main(["train", "--resume", str(out / "last.pth")]) == 0
     assert [int(r["epoch"]) for r in _summary(out)] == [1, 2, 3, 4]
-
-
-def test_checkpoint_write_failure_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "last.pth"
-    engine.save_checkpoint(path, {"epoch": 1})
-
-    def dies_mid_write(obj, f):
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(engine.torch, "save", dies_mid_write)
-    with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint(path, {"epoch": 2})
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
 def test_resume_errors(tmp_path, trained, shapes, capsys):
@@ -273,7 +265,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shapes, tmp_path, mo
     assert "loss is nan at epoch 1 step 0 (update 5)" in err
     assert f"last good checkpoint is {out / 'last.pth'}" in err
     ckpt = torch.load(out / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 1 and torch.isfinite(ckpt["model"]["head.weight"]).all()
+    state = ckpt["state"]
+    assert state["epoch"] == 1 and torch.isfinite(state["model"]["head.weight"]).all()
 
 
 def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path, caplog):
@@ -283,13 +276,13 @@ def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path, caplog):
         assert main(_train_argv(data, out, "--epochs", "1", "-b", "4")) == 0
     row = _summary(out)[0]
     # 33 train images, batch 4: the sampler drops 1 at random, so the broken one may be out
-    assert row["train_skipped"] in ("0", "1") and row["val_skipped"] == "1"
-    assert "truncated.jpg" in caplog.text
+    assert row["train_skipped"] in ("0", "1") and row["val_skipped"] == "2"
+    assert "truncated.jpg" in caplog.text and "empty.png" in caplog.text
     result = tmp_path / "val.json"
     argv = ["validate", "--data-dir", str(data), "--checkpoint", str(out / "last.pth")]
     assert main([*argv, "--results-file", str(result)]) == 0
     metrics = json.loads(result.read_text())
-    assert metrics["skipped"] == 1 and metrics["images"] == 16
+    assert metrics["skipped"] == 2 and metrics["images"] == 16
 
 
 @pytest.mark.parametrize(
@@ -330,7 +323,7 @@ def test_validate_writes_results_json(trained, shapes, tmp_path):
     argv = ["validate", "--data-dir", str(shapes), "--split", "val", "--checkpoint"]
     assert main([*argv, str(trained / "best.pth"), "--results-file", str(result)]) == 0
     metrics = json.loads(result.read_text())
-    best = torch.load(trained / "best.pth", weights_only=True)["metrics"]
+    best = torch.load(trained / "best.pth", weights_only=True)["state"]["metrics"]
     assert metrics["model"] == "sgformer_nano" and metrics["img_size"] == IMG
     assert metrics["images"] == 16 and metrics["crop_pct"] == 0.9
     # the same eval transform as training's validation gives the same numbers
@@ -351,7 +344,7 @@ def test_validate_rejects_a_checkpoint_of_another_model(trained, shapes, capsys)
 
 
 def test_initial_checkpoint_of_another_variant_names_keys(trained, shapes, tmp_path, capsys):
-    weights = torch.load(trained / "last.pth", weights_only=True)["model"]
+    weights = torch.load(trained / "last.pth", weights_only=True)["state"]["model"]
     torch.save(weights, tmp_path / "nano.pth")
     argv = _train_argv(shapes, tmp_path / "run", "--initial-checkpoint", str(tmp_path / "nano.pth"))
     assert main([*[a if a != "sgformer_nano" else "sgformer_s" for a in argv]]) == 2

@@ -1,4 +1,4 @@
-"""The fast attention and MLP paths against a plain transcription of SPEC "Attention".
+"""The fast attention and MLP paths against a plain transcription of docs/design.md "Attention".
 
 The model fuses the projections the published layout splits, adds attention outputs straight
 into the LePE buffer, chunks large global attention, applies GELU in place, and under autograd

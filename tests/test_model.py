@@ -12,7 +12,7 @@ import sgformer
 from sgformer.benchmark import count_macs
 
 MODELS = timm.list_models("sgformer*")
-# SPEC "Variants" (paper Table 1 = published implementation); nano is the golden config.
+# docs/design.md "Variants" (paper Table 1 = published implementation); nano is the golden config.
 PARAMS = {"sgformer_s": 22_545_981, "sgformer_m": 38_689_316, "sgformer_b": 77_950_293}
 GMACS = {"sgformer_s": 4.82, "sgformer_m": 7.47, "sgformer_b": 15.61}
 SMALL = (2, 3, 64, 96)

@@ -22,7 +22,11 @@ from sgformer.reallocation import (
 
 @pytest.mark.parametrize(
     ("sr", "num_tokens", "counts"),
-    [(8, 3136, [4, 28, 28]), (4, 784, [4, 28, 28]), (2, 196, [49, 98])],  # SPEC table at 224
+    [
+        (8, 3136, [4, 28, 28]),
+        (4, 784, [4, 28, 28]),
+        (2, 196, [49, 98]),
+    ],  # docs/design.md table at 224
 )
 def test_merged_token_counts_match_spec_at_224(sr: int, num_tokens: int, counts: list) -> None:
     assert merged_token_counts(num_tokens, buckets_for(sr)) == counts

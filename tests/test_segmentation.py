@@ -13,10 +13,18 @@ from PIL import Image
 from torch import nn
 
 import sgformer
+from conftest import (
+    assert_same_rows,
+    copy_with_unreadable_images,
+    kill_after_first_checkpoint,
+    run_until_first_checkpoint,
+)
 from sgformer import segmentation as seg
+from sgformer.checkpoint import load_run
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
-from sgformer.engine import Distributed, load_backbone_weights
+from sgformer.engine import load_backbone_weights
+from sgformer.runtime import Distributed
 
 CPU = Distributed(0, 1, 0, torch.device("cpu"))
 IMG = 64
@@ -57,7 +65,7 @@ def _train_argv(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(shapes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(_train_argv(shapes, out, "--aux-head")) == 0
+    assert main(_train_argv(shapes, out, "--aux-head", "--log", "tensorboard")) == 0
     return out
 
 
@@ -346,10 +354,11 @@ def test_schedules_and_explicit_flags():
 
 
 def test_train_val_predict_through_the_cli(trained, shapes, tmp_path, capsys):
-    checkpoint = torch.load(trained / "last.pth", weights_only=False)
-    assert checkpoint["iteration"] == 4 and len(checkpoint["history"]) == 2
+    checkpoint = torch.load(trained / "last.pth", weights_only=True)
+    assert checkpoint["task"] == "segmentation" and checkpoint["data"]["num_classes"] == NUM_CLASSES
+    assert checkpoint["state"]["iteration"] == 4 and len(checkpoint["history"]) == 2
     assert checkpoint["model_kwargs"]["aux_head"] and (trained / "summary.csv").is_file()
-    assert checkpoint["optimizer"]["state"][0]["step"] == 4
+    assert checkpoint["state"]["optimizer"]["state"][0]["step"] == 4
 
     results = tmp_path / "results.json"
     argv = ["segment", "val", "--checkpoint", str(trained), "--results-file", str(results)]
@@ -379,16 +388,78 @@ def test_resume_restores_iteration_and_optimizer(trained, tmp_path):
     resumed = tmp_path / "resumed"
     assert main(["segment", "train", "--resume", str(trained), "--iters", "6",
                  "--output", str(resumed)]) == 0  # fmt: skip
-    checkpoint = torch.load(resumed / "last.pth", weights_only=False)
-    assert checkpoint["iteration"] == 6 and len(checkpoint["history"]) == 3
-    assert checkpoint["optimizer"]["state"][0]["step"] == 6
-    assert checkpoint["scheduler"]["last_epoch"] == 6
+    checkpoint = torch.load(resumed / "last.pth", weights_only=True)
+    state = checkpoint["state"]
+    assert state["iteration"] == 6 and len(checkpoint["history"]) == 3
+    assert state["optimizer"]["state"][0]["step"] == 6
+    assert state["scheduler"]["last_epoch"] == 6
     assert [row["iteration"] for row in checkpoint["history"]] == [2, 4, 6]
+
+
+def test_log_tensorboard_writes_each_evaluation_beside_the_csv(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "mIoU", "aAcc", "lr", "val_skipped"} <= set(events.Tags()["scalars"])
+    history = load_run(trained).history
+    for key in ("train_loss", "mIoU"):
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [row["iteration"] for row in history] == [2, 4]
+        assert [p.value for p in points] == pytest.approx([row[key] for row in history], rel=1e-6)
 
 
 def test_resume_of_a_finished_run_is_an_error(trained, capsys):
     assert main(["segment", "train", "--resume", str(trained)]) == 2
     assert "already finished 4 iterations" in capsys.readouterr().err
+
+
+def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(shapes, tmp_path, monkeypatch):
+    # 8 training images, batch 2: a pass is 4 iterations; the run dies right after the
+    # checkpoint at iteration 4, as a kill between two checkpoints leaves it.
+    flags = ["--iters", "8", "--val-interval", "4", "--seed", "5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(_train_argv(shapes, full, *flags)) == 0
+    run_until_first_checkpoint(monkeypatch, seg, lambda: main(_train_argv(shapes, cut, *flags)))
+    assert load_run(cut).state["iteration"] == 4
+    assert main(["segment", "train", "--resume", str(cut)]) == 0
+    resumed = load_run(cut).history
+    assert [row["iteration"] for row in resumed] == [4, 8]
+    assert_same_rows(load_run(full).history, resumed, ("train_loss", "mIoU", "aAcc", "lr"))
+
+
+def test_sigkill_at_a_random_point_then_resume_finishes(shapes, tmp_path):
+    out = tmp_path / "run"
+    kill_after_first_checkpoint(
+        _train_argv(shapes, out, "--iters", "6", "--val-interval", "2"), out
+    )
+    done = load_run(out).state["iteration"]  # always a complete checkpoint
+    assert done in (2, 4, 6)
+    if done < 6:
+        assert main(["segment", "train", "--resume", str(out)]) == 0
+    run = load_run(out)
+    assert run.state["iteration"] == 6 and [row["iteration"] for row in run.history] == [2, 4, 6]
+
+
+def test_unreadable_images_are_skipped_counted_and_named(shapes, tmp_path, caplog):
+    data = tmp_path / "data"  # 3 of 8 training images broken (one of each kind), 1 of 3 val
+    picks = {"images/training": slice(3), "images/validation": slice(2, None)}
+    broken = copy_with_unreadable_images(shapes, data, picks)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(_train_argv(data, out)) == 0
+    history = load_run(out).history
+    # Every broken file is counted each time a pass reaches it; a batch left with one image is
+    # passed over (BatchNorm), so the 4 iterations may reach into a second pass.
+    assert [row["iteration"] for row in history] == [2, 4]
+    assert sum(row["train_skipped"] for row in history) >= 3
+    assert [row["val_skipped"] for row in history] == [1, 1]
+    for path in broken:
+        assert path.name in caplog.text
+    results = tmp_path / "val.json"
+    assert main(["segment", "val", "--checkpoint", str(out), "--results-file", str(results)]) == 0
+    result = json.loads(results.read_text())
+    assert (result["images"], result["skipped"]) == (2, 1)
 
 
 def test_bad_label_stops_training_with_file_and_value(shapes, tmp_path, capsys):
@@ -432,8 +503,8 @@ def test_two_gloo_processes_train_and_evaluate_like_one(trained, shapes, tmp_pat
     out = tmp_path / "ddp"
     log = _run([*_train_argv(shapes, out), "--iters", "2"], 2).stderr
     assert "2 processes, global batch 4" in log
-    checkpoint = torch.load(out / "last.pth", weights_only=False)
-    assert checkpoint["iteration"] == 2 and not list(out.glob(".*tmp*"))
+    checkpoint = torch.load(out / "last.pth", weights_only=True)
+    assert checkpoint["state"]["iteration"] == 2 and not list(out.glob(".*tmp*"))
 
     # Each rank scores its own shard; torchmetrics sums the statistics over ranks.
     results = {}

@@ -20,7 +20,8 @@ from sgformer.visualize import (
     upsample_to_image,
 )
 
-SR_RATIOS = (8, 4, 2)  # SPEC "Layout": reduction ratio of the hybrid blocks of stages 1-3
+# docs/design.md, "Variants": reduction ratio of the hybrid blocks of stages 1-3
+SR_RATIOS = (8, 4, 2)
 NANO_MAPS = 3  # sgformer_nano: one hybrid block in each of stages 1-3
 
 

@@ -24,10 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .model import MIN_INPUT_SIZE
+
 _logger = logging.getLogger(__name__)
 
 # fvcore charges an affine LayerNorm/GroupNorm 5 operations per input element; the published
-# GMACs (SPEC "Variants") include them, so we do too.
+# GMACs (docs/design.md "Variants") include them, so we do too.
 NORM_MACS_PER_ELEMENT = 5
 
 
@@ -162,7 +164,6 @@ def count_operators(model: nn.Module, x: torch.Tensor, mode: str) -> dict[str, A
 
 
 MODES = ("infer", "train")
-MIN_IMAGE_SIDE = 32  # model.MIN_INPUT_SIZE: one token at stride 32
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RSS_SAMPLE_SECONDS = 0.002  # how often the memory probe reads the resident set size
 CSV_COLUMNS = (
@@ -483,8 +484,8 @@ def device_problem(device: str) -> str | None:
 
 
 def _size_problem(size: int) -> str | None:
-    if size < MIN_IMAGE_SIDE:
-        return f"image size {size} is below the smallest side {MIN_IMAGE_SIDE}"
+    if size < MIN_INPUT_SIZE:
+        return f"image size {size} is below the smallest side {MIN_INPUT_SIZE}"
     return None
 
 

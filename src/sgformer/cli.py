@@ -8,7 +8,10 @@ import sys
 
 import sgformer  # noqa: F401  (registers the models with timm)
 
+from .runtime import LOG_FORMATS
+
 DEVICE_HELP = "cpu or cuda (default: cuda when available)"  # every command that runs a model
+LOG_HELP = "csv (default: summary.csv) or tensorboard (also scalars in OUTPUT/tensorboard)"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -176,6 +179,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--seed", type=int, help="random seed (default 42)")
     add("--output", help="run folder for checkpoints, summary.csv, args.yaml, curves.png")
     add("--log-interval", type=int, help="steps between log lines without a terminal")
+    add("--log", choices=LOG_FORMATS, help=LOG_HELP)
     add("--device", help=DEVICE_HELP)
     train.set_defaults(run=_train)
 
@@ -329,6 +333,7 @@ def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
     add("--seed", type=int, help="random seed (default 42)")
     add("--output", help="run folder (last.pth, best.pth, summary.csv, args.yaml)")
     add("--log-interval", type=int, help="steps between log lines without a terminal")
+    add("--log", choices=LOG_FORMATS, help=LOG_HELP)
     add("--eval-interval", type=int, help="epochs between COCO evaluations (default 1)")
     add("--time-limit", type=float, help="stop training after this many minutes, then evaluate")
     add("--device", help=DEVICE_HELP)
@@ -465,6 +470,7 @@ def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
     add("--seed", type=int, help="random seed (default 0)")
     add("--output", help="run folder for checkpoints, summary.csv, args.yaml")
     add("--log-interval", type=int, help="iterations between log lines without a terminal")
+    add("--log", choices=LOG_FORMATS, help=LOG_HELP)
     add("--device", help=DEVICE_HELP)
     train.set_defaults(run=_segment_train)
 

@@ -6,33 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .model import check_checkpoint_file, checkpoint_filter_fn
+from .checkpoint import read_checkpoint, weights_source
+from .model import checkpoint_filter_fn
 
 METADATA_KEY = "sgformer"
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a ``.pth``/``.pt`` (torch.save) or ``.safetensors`` file onto the CPU.
-
-    Raises:
-        FileNotFoundError, ValueError: with what was wrong, for a missing or non-checkpoint file.
-    """
-    check_checkpoint_file(path)
-    if str(path).endswith(".safetensors"):
-        return load_file(str(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for damaged files
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    if not isinstance(checkpoint, dict):
-        raise ValueError(
-            f"{path} holds a {type(checkpoint).__name__}, not a state dict or a training "
-            "checkpoint dict"
-        )
-    return checkpoint
 
 
 def convert_checkpoint(
@@ -48,7 +27,7 @@ def convert_checkpoint(
         ``{"model", "num_params", "sha256", "path"}``.
     """
     model = timm.create_model(model_name, **model_kwargs)
-    state_dict = checkpoint_filter_fn(read_checkpoint(src), model)
+    state_dict = checkpoint_filter_fn(weights_source(read_checkpoint(src)), model)
     model.load_state_dict(state_dict, strict=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     # One metadata key: safetensors writes several in random order, which would make the file

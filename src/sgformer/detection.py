@@ -6,10 +6,11 @@ max-pool level, and an ``out_channels`` attribute. ``MaskRCNN`` (``FasterRCNN`` 
 does the rest, including resizing (short side, long-side cap, multi-scale choices) and
 normalisation. COCO data and AP live in ``coco.py``.
 
-The paper's COCO setups (SPEC "Training recipe") are the ``1x`` and ``3x`` presets of
+The paper's COCO setups (docs/design.md, "Training recipes") are the ``1x`` and ``3x`` presets of
 ``SCHEDULES``; ``shapes`` trains ``sgformer_nano`` on the synthetic scenes of ``data.py`` on a
-CPU. The loop reuses the run helpers of ``engine.py`` (distributed setup, seeding, AMP, the
-optimiser step, the non-finite loss guard, atomic checkpoints).
+CPU. The loop reuses the run helpers of ``runtime.py`` (distributed setup, seeding, AMP),
+``checkpoint.py`` (the run format) and ``engine.py`` (the optimiser step, the non-finite loss
+guard).
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .checkpoint import (
+    LAST_CHECKPOINT,
+    Run,
+    load_run,
+    plain,
+    plain_args,
+    save_run,
+)
 from .coco import (
     IOU_TYPES,
     MASK_THRESHOLD,
@@ -39,37 +48,36 @@ from .coco import (
     to_coco_results,
 )
 from .engine import (
-    LAST_CHECKPOINT,
-    Distributed,
-    _plain,
-    amp_settings,
-    autocast,
     check_finite_loss,
     check_not_finished,
     collect_images,
-    epoch_seed,
     load_backbone_weights,
-    load_checkpoint,
-    make_scaler,
     optimizer_step,
-    progress_bar,
-    reduce_sum,
     restore_training_state,
     resume_args,
-    save_checkpoint,
-    seed_everything,
-    setup_distributed,
     sharded_loader,
-    unwrap_model,
-    wrap_distributed,
+    training_state,
     write_args,
     write_summary_csv,
 )
 from .model import create_model
+from .runtime import (
+    Distributed,
+    ScalarLog,
+    amp_settings,
+    autocast,
+    epoch_seed,
+    make_scaler,
+    progress_bar,
+    reduce_sum,
+    seed_everything,
+    setup_distributed,
+    unwrap_model,
+    wrap_distributed,
+)
 
 _logger = logging.getLogger(__name__)
 
-BEST_CHECKPOINT = "best.pth"
 TASK = "detection"
 FPN_LEVELS = ("0", "1", "2", "3")  # strides 4-32; LastLevelMaxPool adds "pool" (stride 64)
 # torchvision's defaults: one anchor size per FPN level, three aspect ratios.
@@ -116,6 +124,7 @@ DETECT_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "output": "runs/detect",
     "log_interval": 50,
+    "log": "csv",
     "eval_interval": 1,
     "time_limit": None,  # minutes of training (wall clock) after which the run stops
     "device": None,
@@ -193,6 +202,7 @@ RESUME_OVERRIDABLE = {
     "output",
     "workers",
     "log_interval",
+    "log",
     "eval_interval",
     "device",
     "time_limit",
@@ -609,15 +619,13 @@ def evaluate(
 # Driver.
 
 
-def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
+def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, Run]:
     """Arguments of a resumed run: the checkpoint's, with the few a restart may change."""
-    args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "schedule")
-    if checkpoint.get("task") != TASK:
-        raise ValueError(f"{given['resume']} is not a detection checkpoint (sgformer detect train)")
+    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK, DETECT_DEFAULTS)
     for key in ("short_side", "anchor_sizes", "lr_steps"):
         setattr(args, key, tuple(getattr(args, key)))
     args.time_limit = given.get("time_limit")  # a limit is for one session, not the run
-    return args, checkpoint
+    return args, run
 
 
 def train_detector(given: dict[str, Any]) -> dict[str, Any]:
@@ -626,9 +634,9 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
     ``given`` maps flag names to values, None where a flag was not given. Returns the last
     epoch's row with ``best_bbox_AP``, ``best_epoch`` and ``output``.
     """
-    checkpoint = None
+    resumed: Run | None = None
     if given.get("resume"):
-        args, checkpoint = _resume_args(given)
+        args, resumed = _resume_args(given)
     else:
         args = resolve_detect_args(given)
         if args.data_root is None:
@@ -648,11 +656,11 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
             f"{train_set.category_ids}; both must list the same categories"
         )
     seed_everything(args.seed)
-    model_kwargs = {k: _plain(getattr(args, k)) for k in ARCH_KEYS}
+    model_kwargs = {k: plain(getattr(args, k)) for k in ARCH_KEYS}
     model = build_detector(
         args.model,
         len(train_set.category_ids),
-        backbone_checkpoint=None if checkpoint else args.backbone_checkpoint,
+        backbone_checkpoint=None if resumed else args.backbone_checkpoint,
         **model_kwargs,
     )
     model.to(dist_info.device)
@@ -692,16 +700,17 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
 
     start_epoch, iteration, history = 0, 0, []
     best: dict[str, Any] = {"bbox_AP": -1.0, "epoch": -1}
-    if checkpoint is not None:
-        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
-        start_epoch, iteration = checkpoint["epoch"], checkpoint["iteration"]
-        history, best = checkpoint["history"], checkpoint["best"]
+    if resumed is not None:
+        restore_training_state(resumed, model, optimizer, scheduler, scaler)
+        start_epoch, iteration = resumed.state["epoch"], resumed.state["iteration"]
+        history, best = resumed.history, resumed.best
         _logger.info(
             "resumed from %s at epoch %d (iteration %d)", args.resume, start_epoch, iteration
         )
     check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
     train_model = wrap_distributed(model, dist_info)
+    scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)
         _logger.info(
@@ -760,28 +769,24 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
         if is_best:
             best = {"bbox_AP": row["bbox_AP"], "epoch": epoch + 1}
         if dist_info.is_main:
-            state = {
-                "task": TASK,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "iteration": iteration,
-                "model_name": args.model,
-                "model_kwargs": model_kwargs,
+            state = training_state(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch=epoch + 1,
+                iteration=iteration,
+                metrics=row,
+            )
+            data = {
                 "num_classes": len(train_set.category_ids),
                 "category_ids": train_set.category_ids,
                 "class_names": train_set.class_names,
-                "args": {k: _plain(v) for k, v in vars(args).items()},
-                "history": history,
-                "best": best,
-                "metrics": row,
             }
-            save_checkpoint(last_path, state)
-            if is_best:
-                save_checkpoint(output / BEST_CHECKPOINT, state)
+            run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
+            save_run(output, run, is_best)
             write_summary_csv(output, history, SUMMARY_FIELDS)
+            scalars.write(row, epoch + 1)
         _logger.info(
             "epoch %d/%d  loss %.4f  lr %.3g  %.1f img/s  bbox AP %s AP50 %s  segm AP %s",
             epoch + 1,
@@ -798,6 +803,7 @@ def train_detector(given: dict[str, Any]) -> dict[str, Any]:
                 "--time-limit of %g minutes reached at iteration %d", args.time_limit, iteration
             )
             break
+    scalars.close()
     if dist_info.enabled:
         dist.barrier()
     return {
@@ -812,16 +818,12 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def detector_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The detector a ``detect train`` checkpoint holds, and the checkpoint (without weights)."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("task") != TASK:
-        raise ValueError(f"{path} is not a detection checkpoint (written by sgformer detect train)")
-    model = build_detector(
-        checkpoint["model_name"], checkpoint["num_classes"], **checkpoint["model_kwargs"]
-    )
-    model.load_state_dict(checkpoint.pop("model"))
-    return model, checkpoint
+def detector_from_checkpoint(path: str | Path) -> tuple[nn.Module, Run]:
+    """The detector a ``detect train`` checkpoint holds, and its run."""
+    run = load_run(path, TASK)
+    model = build_detector(run.model_name, run.data["num_classes"], **run.model_kwargs)
+    model.load_state_dict(run.weights())
+    return model, run
 
 
 def evaluate_checkpoint(
@@ -841,17 +843,17 @@ def evaluate_checkpoint(
     if (data_root is None) != (ann_file is None):
         raise ValueError("give --data-root and --ann-file together (or neither: shapes)")
     dist_info = setup_distributed(device)
-    model, info = detector_from_checkpoint(checkpoint)
+    model, run = detector_from_checkpoint(checkpoint)
     if data_root is None:
         paths = shapes_paths()
         data_root, ann_file = paths["val_data_root"], paths["val_ann_file"]
     model.to(dist_info.device)
-    mask = info["model_kwargs"]["mask"]
+    mask = run.model_kwargs["mask"]
     dataset = CocoInstances(data_root, ann_file, with_masks=False)
-    if dataset.category_ids != info["category_ids"]:
+    if dataset.category_ids != run.data["category_ids"]:
         raise ValueError(
             f"{ann_file} has category ids {dataset.category_ids}, the checkpoint was trained on "
-            f"{info['category_ids']}"
+            f"{run.data['category_ids']}"
         )
     loader = sharded_loader(
         dataset,
@@ -890,7 +892,7 @@ def predict_images(
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
     run_device = setup_distributed(device).device
-    model, info = detector_from_checkpoint(checkpoint)
+    model, run = detector_from_checkpoint(checkpoint)
     model.to(run_device).eval()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -907,14 +909,14 @@ def predict_images(
             continue
         image = torch.from_numpy(array).permute(2, 0, 1)  # 3, H, W uint8
         detections = model([image.float().div(255).to(run_device)])[0]
-        entries = to_coco_results(detections, image_id, info["category_ids"])
+        entries = to_coco_results(detections, image_id, run.data["category_ids"])
         for entry in entries:
             entry["file_name"] = str(path)
         results += entries
         target = output / f"{path.stem}.png"
         if target.name in drawn:
             target = output / f"{path.stem}_{image_id}.png"
-        draw_detections(image, detections, info["class_names"], score_threshold).save(target)
+        draw_detections(image, detections, run.data["class_names"], score_threshold).save(target)
         drawn.append(target.name)
     (output / "predictions.json").write_text(json.dumps(results) + "\n")
     return {

@@ -1,8 +1,9 @@
 """Training, validation and prediction for image classification, and the shared run helpers.
 
 One loop read top to bottom (``train_one_epoch``, ``validate``) and a short driver (``train``).
-Detection and segmentation reuse the helpers of the first half: distributed setup, seeding,
-AMP, the optimiser step with clipping, the non-finite loss guard and atomic checkpoints.
+Detection and segmentation reuse the training helpers of the first half: the optimiser step
+with clipping and the non-finite loss guard. Distributed setup, seeding and AMP live in
+``sgformer.runtime``, checkpoint files in ``sgformer.checkpoint``.
 
 Everything that timm already does is timm's: datasets and readers, transforms, Mixup/CutMix,
 ``create_optimizer_v2``, ``create_scheduler_v2`` (per-iteration warm-up and cosine), losses and
@@ -12,20 +13,16 @@ Everything that timm already does is timm's: datasets and readers, transforms, M
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
 import os
-import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -39,21 +36,43 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
-from tqdm import tqdm
 
-from .convert import read_checkpoint
-from .model import checkpoint_filter_fn, create_model
+from .checkpoint import (
+    LAST_CHECKPOINT,
+    Run,
+    as_run,
+    check_task,
+    load_run,
+    plain,
+    plain_args,
+    read_checkpoint,
+    save_run,
+)
+from .model import MIN_INPUT_SIZE, checkpoint_filter_fn, create_model
+from .runtime import (
+    Distributed,
+    ScalarLog,
+    amp_settings,
+    autocast,
+    check_ranks_in_sync,
+    epoch_seed,
+    make_scaler,
+    progress_bar,
+    reduce_sum,
+    seed_everything,
+    setup_distributed,
+    unwrap_model,
+    wrap_distributed,
+)
 
 _logger = logging.getLogger(__name__)
 
-MIN_IMG_SIZE = 32  # stem (4) x three downsamples (2 each): smaller inputs leave stage 4 empty
+TASK = "classification"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_SPLIT_NAMES = ("val", "validation")
-LAST_CHECKPOINT = "last.pth"
-BEST_CHECKPOINT = "best.pth"
 
 # ---------------------------------------------------------------------------------------------
-# Paper recipes (SPEC "Training recipe"): the one place these numbers live.
+# Paper recipes (docs/design.md, "Training recipes"): the one place these numbers live.
 # Learning rates are for a global batch of PAPER_GLOBAL_BATCH; `train` scales them linearly to
 # the global batch actually used unless --lr is given.
 PAPER_GLOBAL_BATCH = 1024
@@ -168,6 +187,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "output": "runs/train",
     "log_interval": 50,
+    "log": "csv",
     "device": None,
     "data_dir": None,
     "recipe": None,
@@ -179,6 +199,7 @@ RESUME_OVERRIDABLE = {
     "output",
     "workers",
     "log_interval",
+    "log",
     "device",
     "data_dir",
     "channels_last",
@@ -204,80 +225,6 @@ def resolve_train_args(given: dict[str, Any]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Run helpers shared with detection and segmentation.
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process runs: ``rank`` of ``world_size`` processes, on ``device``."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None = None) -> Distributed:
-    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU).
-
-    A plain ``python -m sgformer`` run (no ``WORLD_SIZE``) is a world of one.
-    """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        run_device = torch.device("cuda", local_rank)
-    else:
-        run_device = torch.device("cpu")
-    return Distributed(rank, world_size, local_rank, run_device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch: the only place the run's randomness is seeded."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed for one epoch on one rank: every epoch starts from a state known from its number
-    alone, so a run resumed at an epoch boundary repeats the uninterrupted run exactly."""
-    return seed + 1_000_003 * (epoch + 1) + 7919 * rank
-
-
-def amp_settings(enabled: bool, dtype_name: str | None, device: torch.device) -> torch.dtype:
-    """The autocast dtype: float16 on CUDA and bfloat16 on CPU unless ``dtype_name`` says."""
-    if dtype_name is None:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if dtype_name not in ("float16", "bfloat16"):
-        raise ValueError(f"--amp-dtype must be float16 or bfloat16, got {dtype_name!r}")
-    return getattr(torch, dtype_name)
-
-
-def autocast(
-    device: torch.device, enabled: bool, dtype: torch.dtype
-) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
-
-
-def make_scaler(enabled: bool, dtype: torch.dtype, device: torch.device) -> NativeScaler | None:
-    """A loss scaler for float16 autocast only (bfloat16 has float32's range)."""
-    if enabled and dtype == torch.float16:
-        return NativeScaler(device=device.type)
-    return None
 
 
 # timm optimizer names whose torch class has one fused kernel for all parameters (CPU and CUDA):
@@ -332,95 +279,45 @@ def check_finite_loss(
         )
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to a temp file beside ``path``, then rename: a kill never leaves a
-    broken checkpoint, only the previous complete one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint written by ``save_checkpoint``; a folder means its ``last.pth``."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / LAST_CHECKPOINT).is_file():
-            raise FileNotFoundError(f"no {LAST_CHECKPOINT} in {path}: nothing to resume from")
-        path = path / LAST_CHECKPOINT
-    checkpoint = read_checkpoint(path)
-    if "model" not in checkpoint or "model_name" not in checkpoint:
-        raise ValueError(
-            f"{path} holds model weights, not a training checkpoint (no 'model'/'model_name'); "
-            "use --initial-checkpoint for weights"
-        )
-    return checkpoint
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: NativeScaler | None,
+    ema: ModelEmaV3 | None = None,
+    **progress: Any,
+) -> dict[str, Any]:
+    """A run checkpoint's ``state``: what ``restore_training_state`` restores, plus
+    ``progress`` (epoch and/or iteration, the last metrics)."""
+    return {
+        "model": model.state_dict(),
+        "model_ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        **progress,
+    }
 
 
 def restore_training_state(
-    checkpoint: dict[str, Any],
+    run: Run,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: NativeScaler | None,
 ) -> None:
     """Load what every trainer's checkpoint holds: model, optimizer, scheduler, fp16 scaler."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
+    model.load_state_dict(run.state["model"])
+    optimizer.load_state_dict(run.state["optimizer"])
+    scheduler.load_state_dict(run.state["scheduler"])
+    if scaler is not None and run.state.get("scaler"):
+        scaler.load_state_dict(run.state["scaler"])
 
 
 def check_not_finished(done: int, total: int, unit: str, flag: str) -> None:
     """A resumed run must have steps left: ``done`` of ``total`` ``unit`` (set by ``flag``)."""
     if done >= total:
         raise ValueError(f"the checkpoint already finished {done} {unit}; pass {flag} above that")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def reduce_sum(values: list[float], dist_info: Distributed) -> list[float]:
-    """Sum per-rank numbers over all ranks (float64 on the CPU group or the device)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=dist_info.device)
-    if dist_info.enabled:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def check_ranks_in_sync(model: nn.Module, dist_info: Distributed) -> None:
-    """Fail loudly if DDP let parameters drift apart between ranks (it never should)."""
-    if not dist_info.enabled:
-        return
-    with torch.no_grad():
-        checksum = sum(p.double().sum() for p in unwrap_model(model).parameters())
-    sums = [torch.zeros_like(checksum) for _ in range(dist_info.world_size)]
-    dist.all_gather(sums, checksum)
-    values = [s.item() for s in sums]
-    if max(values) != min(values):
-        raise RuntimeError(f"parameters differ between ranks: checksums {values}")
-    _logger.info("parameters identical on all %d ranks (checksum %.10g)", len(values), values[0])
-
-
-def progress_bar(total: int | None, desc: str, enabled: bool) -> tqdm:
-    """A tqdm bar on stderr when it is a terminal; off otherwise (logs carry a line per epoch)."""
-    return tqdm(
-        total=total,
-        desc=desc,
-        file=sys.stderr,
-        disable=not (enabled and sys.stderr.isatty()),
-        leave=False,
-        dynamic_ncols=True,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,9 +587,9 @@ def train_transform(model: nn.Module, args: argparse.Namespace) -> Any:
 
 
 def check_img_size(img_size: int | None) -> None:
-    if img_size is not None and img_size < MIN_IMG_SIZE:
+    if img_size is not None and img_size < MIN_INPUT_SIZE:
         raise ValueError(
-            f"--img-size {img_size} is too small: SG-Former needs at least {MIN_IMG_SIZE} pixels "
+            f"--img-size {img_size} is too small: SG-Former needs at least {MIN_INPUT_SIZE} pixels "
             "(stride 32 to stage 4)"
         )
 
@@ -709,12 +606,12 @@ def model_kwargs_for(name: str, num_classes: int, img_size: int | None, drop_pat
 
 
 def _weights_in(checkpoint: dict[str, Any], path: str | Path, use_ema: bool = False) -> dict:
-    """The state dict a published file, bare state dict or our training checkpoint holds."""
-    if "model_name" not in checkpoint:
+    """The state dict a published file, bare state dict or our classification run holds."""
+    run = as_run(checkpoint, path)
+    if run is None:
         return checkpoint
-    if use_ema and checkpoint.get("model_ema") is None:
-        raise ValueError(f"{path} has no EMA weights (trained without --model-ema)")
-    return checkpoint["model_ema"] if use_ema else checkpoint["model"]
+    check_task(run, TASK)
+    return run.weights(use_ema)
 
 
 def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> None:
@@ -740,13 +637,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     ``load_weights`` does not serve here: a feature backbone has no head to leave unfilled.
     """
     checkpoint = read_checkpoint(path)
-    task = checkpoint.get("task")
-    if task is not None:
+    run = as_run(checkpoint, path)
+    if run is not None and run.task != "classification":
         raise ValueError(
-            f"{path} is a {task} checkpoint, not classification weights; use --resume or "
+            f"{path} is a {run.task} checkpoint, not classification weights; use --resume or "
             "--checkpoint for it, --backbone-checkpoint for a classifier's"
         )
-    state = checkpoint_filter_fn(_weights_in(checkpoint, path), backbone)
+    state = checkpoint_filter_fn(checkpoint if run is None else run.weights(), backbone)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     result = backbone.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -764,18 +661,20 @@ def model_from_checkpoint(
     """Build the model a checkpoint holds. Our training checkpoints name their model and
     classes; published or bare weights need ``model_name`` (classes from the classifier)."""
     checkpoint = read_checkpoint(path)
-    if "model_name" in checkpoint:
-        name = checkpoint["model_name"]
+    run = as_run(checkpoint, path)
+    if run is not None:
+        check_task(run, TASK)
+        name = run.model_name
         if model_name is not None and model_name != name:
             raise ValueError(
                 f"{path} is a checkpoint of {name}, not {model_name}; pass --model {name}"
             )
-        model = create_model(name, **checkpoint["model_kwargs"])
-        model.load_state_dict(_weights_in(checkpoint, path, use_ema))
+        model = create_model(name, **run.model_kwargs)
+        model.load_state_dict(run.weights(use_ema))
         info = {
             "model_name": name,
-            "class_names": checkpoint.get("class_names") or [],
-            "img_size": checkpoint["model_kwargs"].get("img_size"),
+            "class_names": run.data.get("class_names") or [],
+            "img_size": run.model_kwargs.get("img_size"),
         }
         return model, info
     if model_name is None:
@@ -958,15 +857,6 @@ SUMMARY_FIELDS = (
 )
 
 
-def _plain(value: Any) -> Any:
-    """Arguments as YAML/JSON/``weights_only``-safe plain values."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_summary_csv(output: Path, history: list[dict[str, Any]], fields: Sequence[str]) -> None:
     """Rewrite ``output/summary.csv`` (columns ``fields``) from the run's history.
 
@@ -1016,20 +906,24 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def resume_args(
-    given: dict[str, Any], overridable: set[str], preset_key: str
-) -> tuple[argparse.Namespace, dict[str, Any]]:
+    given: dict[str, Any],
+    overridable: set[str],
+    preset_key: str,
+    task: str,
+    defaults: dict[str, Any],
+) -> tuple[argparse.Namespace, Run]:
     """Arguments of a resumed run: the checkpoint's, except the ``overridable`` flags given
     again; other given flags that differ are reported as ignored. Also for detection and
     segmentation (their preset flag is ``preset_key``, never re-applied)."""
-    checkpoint = load_checkpoint(given["resume"])
-    args = argparse.Namespace(**checkpoint["args"])
+    run = load_run(given["resume"], task)
+    args = argparse.Namespace(**{**defaults, **run.args})  # flags newer than the checkpoint
     ignored = []
     for key, value in given.items():
         if value is None or key in ("resume", preset_key):
             continue
         if key in overridable:
             setattr(args, key, value)
-        elif _plain(value) != _plain(getattr(args, key, None)):
+        elif plain(value) != plain(getattr(args, key, None)):
             ignored.append(key)
     if ignored:
         _logger.warning("resuming: the checkpoint's values are used for %s", ", ".join(ignored))
@@ -1037,22 +931,14 @@ def resume_args(
         resume = Path(given["resume"])
         args.output = str(resume if resume.is_dir() else resume.parent)
     args.resume = given["resume"]
-    return args, checkpoint
-
-
-def wrap_distributed(model: nn.Module, dist_info: Distributed) -> nn.Module:
-    """``model`` in DistributedDataParallel when several processes train, else itself."""
-    if not dist_info.enabled:
-        return model
-    device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return args, run
 
 
 def write_args(output: Path, args: argparse.Namespace) -> None:
     """``args.yaml``: the run's resolved arguments."""
     output.mkdir(parents=True, exist_ok=True)
     with (output / "args.yaml").open("w") as f:
-        yaml.safe_dump({k: _plain(v) for k, v in vars(args).items()}, f, sort_keys=True)
+        yaml.safe_dump(plain_args(args), f, sort_keys=True)
 
 
 def train(given: dict[str, Any]) -> dict[str, Any]:
@@ -1060,9 +946,9 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
 
     ``given`` maps flag names to values, None where the flag was not given.
     """
-    checkpoint = None
+    resumed: Run | None = None
     if given.get("resume"):
-        args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "recipe")
+        args, resumed = resume_args(given, RESUME_OVERRIDABLE, "recipe", TASK, TRAIN_DEFAULTS)
     else:
         args = resolve_train_args(given)
     if args.data_dir is None:
@@ -1070,8 +956,8 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
     check_img_size(args.img_size)
     dist_info = setup_distributed(args.device)
     output = Path(args.output)
-    last_path, best_path = output / LAST_CHECKPOINT, output / BEST_CHECKPOINT
-    if checkpoint is None and last_path.exists():
+    last_path = output / LAST_CHECKPOINT
+    if resumed is None and last_path.exists():
         raise ValueError(
             f"{output} already holds a run ({LAST_CHECKPOINT}); pass --resume {output} to "
             "continue it or choose another --output"
@@ -1101,7 +987,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
     )
     if args.img_size is None:
         args.img_size = model.pretrained_cfg["input_size"][-1]
-    if args.initial_checkpoint and checkpoint is None:
+    if args.initial_checkpoint and resumed is None:
         load_weights(model, args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -1171,15 +1057,16 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
         loss_fn = nn.CrossEntropyLoss()
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": -1}
-    if checkpoint is not None:
-        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
+    if resumed is not None:
+        restore_training_state(resumed, model, optimizer, scheduler, scaler)
         if ema is not None:
-            ema.module.load_state_dict(checkpoint["model_ema"])
-        start_epoch, history, best = checkpoint["epoch"], checkpoint["history"], checkpoint["best"]
+            ema.module.load_state_dict(resumed.state["model_ema"])
+        start_epoch, history, best = resumed.state["epoch"], resumed.history, resumed.best
         _logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
     check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
     train_model = wrap_distributed(model, dist_info)
+    scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)
         _logger.info(
@@ -1250,25 +1137,14 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
         if is_best:
             best = {"top1": row["top1"], "epoch": epoch + 1}
         if dist_info.is_main:
-            state = {
-                "model": model.state_dict(),
-                "model_ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "model_name": args.model,
-                "model_kwargs": model_kwargs,
-                "class_names": class_names,
-                "args": {k: _plain(v) for k, v in vars(args).items()},
-                "history": history,
-                "best": best,
-                "metrics": row,
-            }
-            save_checkpoint(last_path, state)
-            if is_best:
-                save_checkpoint(best_path, state)
+            state = training_state(
+                model, optimizer, scheduler, scaler, ema, epoch=epoch + 1, metrics=row
+            )
+            data = {"class_names": class_names, "num_classes": num_classes}
+            run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
+            save_run(output, run, is_best)
             write_summary(output, history)
+            scalars.write(row, epoch + 1)
         skipped = row["train_skipped"] + row["val_skipped"]
         _logger.info(
             "epoch %d/%d  train loss %.4f  val loss %.4f  top-1 %.2f  top-5 %.2f  lr %.3g  "
@@ -1283,6 +1159,7 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
             row["images_per_s"],
             f"  skipped {skipped} unreadable images" if skipped else "",
         )
+    scalars.close()
     if dist_info.enabled:
         dist.barrier()
     return {**row, "best_top1": best["top1"], "best_epoch": best["epoch"], "output": str(output)}

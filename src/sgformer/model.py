@@ -2,7 +2,7 @@
 
 Layout follows timm's model files: attention layers and blocks, the model class,
 ``checkpoint_filter_fn``, ``_create_sgformer``, ``default_cfgs`` and the registered variants.
-What each layer computes is stated in tensor terms in ``shared/SPEC.md``; where the published
+What each layer computes is stated in ``docs/design.md``; where the published
 implementation and the paper differ we follow the published code (the weights were trained
 with it) and say so. ``docs/any_size.md`` states how inputs of any size are handled.
 """
@@ -60,9 +60,9 @@ __all__ = ["SGFormer", "checkpoint_filter_fn", "create_model"]
 
 _logger = logging.getLogger(__name__)
 
-WINDOW_SIZE = 7  # SPEC "Hybrid-scale attention": local half attends within 7x7 windows
-BLOCK_NORM_EPS = 1e-6  # SPEC "Variants": block and stage LayerNorms
-REDUCE_NORM_EPS = 1e-5  # SPEC "Hybrid-scale attention": LayerNorm after the k=sr conv
+WINDOW_SIZE = 7  # docs/design.md "Hybrid-scale attention": local half attends within 7x7 windows
+BLOCK_NORM_EPS = 1e-6  # docs/design.md "Variants": block and stage LayerNorms
+REDUCE_NORM_EPS = 1e-5  # docs/design.md "Hybrid-scale attention": LayerNorm after the k=sr conv
 MIN_INPUT_SIZE = 32  # one token at stride 32
 ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the first block
 # Largest (heads, queries, keys) score block per image that the global half of a hybrid-scale
@@ -552,7 +552,7 @@ class SGFormer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """SPEC "Initialisation", and the 2-D sine-cosine table for the position embedding."""
+        """docs/design.md "Initialisation", and the 2-D sine-cosine position table."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
@@ -823,7 +823,7 @@ def _check_config(
                 )
 
 
-# Published parameter names -> ours (SPEC "Published checkpoint layout"), applied in order.
+# Published parameter names -> ours (docs/design.md "Published checkpoint layout"), in order.
 # In stages 1-3 of the published layout, even blocks are hybrid-scale, odd are self-guided.
 _HYBRID = r"^(block[123]\.\d*[02468]\.attn\.)"
 _GUIDED = r"^(block[123]\.\d*[13579]\.attn\.)"
@@ -870,7 +870,13 @@ _MAX_LISTED = 8
 
 
 def _unwrap(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights of a training checkpoint (EMA preferred), without ``module.`` prefixes."""
+    """The weights of a training checkpoint (EMA preferred), without ``module.`` prefixes.
+
+    A run checkpoint of this project (``sgformer.checkpoint``: a ``format_version`` key) keeps
+    them in its ``state``; the published files and timm's keep them at the top level.
+    """
+    if "format_version" in checkpoint and isinstance(checkpoint.get("state"), dict):
+        checkpoint = checkpoint["state"]
     for key in _CHECKPOINT_WRAPPERS:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]

@@ -1,4 +1,4 @@
-"""Significance maps and token reallocation (SPEC "Attention").
+"""Significance maps and token reallocation (docs/design.md "Attention").
 
 A hybrid-scale block scores every token by the attention it receives; the self-guided block
 after it sorts tokens by that score and merges runs of them, coarsely where the score is low
@@ -28,8 +28,9 @@ class Bucket:
     group_size: int
 
 
-# SPEC "Self-guided attention", step 2: buckets of the sorted order, least significant first,
-# and the published merge sizes (the shapes of the checkpoint's f1, f2, f3 weights).
+# docs/design.md "Self-guided attention: buckets and merges", step 2: buckets of the sorted
+# order, least significant first, and the published merge sizes (the shapes of the
+# checkpoint's f1, f2, f3 weights).
 REALLOCATION_BUCKETS: dict[int, tuple[Bucket, ...]] = {
     8: (Bucket((0, 4), (1, 4), 196), Bucket((1, 4), (3, 4), 56), Bucket((3, 4), (4, 4), 28)),
     4: (Bucket((0, 4), (1, 4), 49), Bucket((1, 4), (3, 4), 14), Bucket((3, 4), (4, 4), 7)),
@@ -101,7 +102,7 @@ def combine_significance(
 ) -> torch.Tensor:
     """The map that guides reallocation, from the parts (B, N) a hybrid block measured.
 
-    ``hybrid`` sums both scales (SPEC); ``local``/``global`` keep one (paper Table 6);
+    ``hybrid`` sums both scales (docs/design.md); ``local``/``global`` keep one (paper Table 6);
     ``uniform`` ignores content: a fixed ramp over raster positions, so the sort keeps raster
     order and every image is reallocated the same way.
     """

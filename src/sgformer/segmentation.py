@@ -1,11 +1,12 @@
 """Semantic segmentation on SG-Former: smp UperNet / Semantic FPN heads, ADE20K-layout data, mIoU.
 
-The paper's ADE20K numbers (Semantic FPN 80k, UperNet 160k; SPEC "Training recipe") came from
-OpenMMLab configs that were never released. This module rebuilds that pipeline from maintained
-parts: segmentation-models-pytorch decoders on the ``tu-sgformer_*`` timm encoder, torchvision
-functional ops for the augmentation, torchmetrics for IoU and pixel accuracy, and the run helpers
-of ``engine.py`` (distributed setup, seeding, AMP, optimiser step, non-finite guard, atomic
-checkpoints). One iteration-based loop (``train_segmentation``) reads top to bottom.
+The paper's ADE20K numbers (Semantic FPN 80k, UperNet 160k; docs/design.md, "Training
+recipes") came from OpenMMLab configs that were never released. This module rebuilds that
+pipeline from maintained parts: segmentation-models-pytorch decoders on the ``tu-sgformer_*``
+timm encoder, torchvision functional ops for the augmentation, torchmetrics for IoU and pixel
+accuracy, and the run helpers of ``runtime.py`` (distributed setup, seeding, AMP),
+``checkpoint.py`` (the run format) and ``engine.py`` (optimiser step, non-finite guard). One
+iteration-based loop (``train_segmentation``) reads top to bottom.
 
 Data follow the ADE20K layout: ``ROOT/images/{split}/NAME.jpg|png`` with
 ``ROOT/annotations/{split}/NAME.png``, single-channel PNGs of class indices. With
@@ -37,38 +38,45 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from .engine import (
-    BEST_CHECKPOINT,
-    IMAGE_EXTENSIONS,
+from .checkpoint import (
     LAST_CHECKPOINT,
-    Distributed,
-    _plain,
-    amp_settings,
-    autocast,
+    Run,
+    load_run,
+    plain_args,
+    save_run,
+)
+from .engine import (
+    IMAGE_EXTENSIONS,
     check_finite_loss,
     check_not_finished,
     collect_images,
     create_optimizer,
-    epoch_seed,
     load_backbone_weights,
-    load_checkpoint,
-    make_scaler,
     optimizer_step,
-    progress_bar,
-    reduce_sum,
     restore_training_state,
     resume_args,
-    save_checkpoint,
-    seed_everything,
-    setup_distributed,
     sharded_loader,
-    wrap_distributed,
+    training_state,
     write_args,
     write_summary_csv,
+)
+from .runtime import (
+    Distributed,
+    ScalarLog,
+    amp_settings,
+    autocast,
+    epoch_seed,
+    make_scaler,
+    progress_bar,
+    reduce_sum,
+    seed_everything,
+    setup_distributed,
+    wrap_distributed,
 )
 
 _logger = logging.getLogger(__name__)
 
+TASK = "segmentation"
 IGNORE_INDEX = 255  # mmseg's ignore label; reduce_zero_label maps ADE20K's "other" (0) here
 PAD_DIVISOR = 32  # smp checks that H and W divide by the encoder's output stride
 DECODERS = ("upernet", "fpn")
@@ -77,6 +85,7 @@ AUX_WEIGHT = 0.4  # mmseg UperNet configs: auxiliary FCN head on stage 3, loss w
 AUX_STAGE = 3  # stage 3 (stride 16) as mmseg's ``in_index=2``
 AUX_CHANNELS = 256  # mmseg FCNHead channels for Swin/PVT-sized backbones
 AUX_DROPOUT = 0.1
+MIN_BATCHNORM_BATCH = 2  # BatchNorm in training needs two samples (PPM cells are 1 x 1)
 SCALE_RANGE = (0.5, 2.0)  # mmseg ``ratio_range`` of the ADE20K pipeline
 LONG_TO_SHORT = 4  # mmseg ``img_scale=(2048, 512)``: long side budget = 4 x short side
 CAT_MAX_RATIO = 0.75  # a random crop may be at most 75 % one class (mmseg RandomCrop)
@@ -195,6 +204,7 @@ SEG_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output": "runs/segment",
     "log_interval": 50,
+    "log": "csv",
     "device": None,
 }
 # On --resume these come from the command line; everything else from the checkpoint.
@@ -203,6 +213,7 @@ RESUME_OVERRIDABLE = {
     "output",
     "workers",
     "log_interval",
+    "log",
     "device",
     "val_interval",
     "time_limit",
@@ -766,20 +777,23 @@ def _data_setup(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
     return Path(summary["dense"]), ["background", *summary["classes"]]
 
 
-def _endless(loader: DataLoader, first_pass: int) -> Iterator[Batch]:
-    """Batches forever: every pass over the data reshuffles (``set_epoch``)."""
+def _endless(loader: DataLoader, first_pass: int, seed: int, rank: int) -> Iterator[Batch]:
+    """Batches forever. Every pass over the data starts from a seed known from its number alone
+    (``epoch_seed``) and reshuffles (``set_epoch``), so a run resumed at a pass boundary repeats
+    the uninterrupted one."""
     pass_index = first_pass
     while True:
+        seed_everything(epoch_seed(seed, pass_index, rank))
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(pass_index)
         yield from loader
         pass_index += 1
 
 
-def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    args, checkpoint = resume_args(given, RESUME_OVERRIDABLE, "schedule")
+def _resume_args(given: dict[str, Any]) -> tuple[argparse.Namespace, Run]:
+    args, run = resume_args(given, RESUME_OVERRIDABLE, "schedule", TASK, SEG_DEFAULTS)
     args.scale_range = tuple(args.scale_range)
-    return args, checkpoint
+    return args, run
 
 
 def _infer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -791,19 +805,19 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
 
     ``given`` maps flag names to values, None where the flag was not given.
     """
-    checkpoint = None
+    resumed: Run | None = None
     if given.get("resume"):
-        args, checkpoint = _resume_args(given)
+        args, resumed = _resume_args(given)
     else:
         args = resolve_segment_args(given)
     dist_info = setup_distributed(args.device)
     output = Path(args.output)
-    last_path, best_path = output / LAST_CHECKPOINT, output / BEST_CHECKPOINT
+    last_path = output / LAST_CHECKPOINT
 
     # Data first: a wrong folder should fail before a model is built.
     data_root, class_names = _data_setup(args)
-    if checkpoint is not None:
-        class_names = checkpoint.get("class_names")
+    if resumed is not None:
+        class_names = resumed.data.get("class_names")
     args.data_root = str(data_root)
     label_kwargs = {
         "num_classes": args.num_classes,
@@ -835,7 +849,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         "img_size": args.crop_size,
     }
     model = build_segmentation_model(args.model, **model_kwargs)
-    if args.backbone_checkpoint and checkpoint is None:
+    if args.backbone_checkpoint and resumed is None:
         load_backbone_weights(model.backbone, args.backbone_checkpoint)
     if dist_info.enabled and dist_info.device.type == "cuda":
         # Batch 2 per GPU: the heads' BatchNorm sees all ranks' samples (mmseg's SyncBN).
@@ -851,13 +865,9 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss(ignore_index=args.ignore_index)
 
     iteration, history, best = 0, [], {"mIoU": -1.0, "iteration": -1}
-    if checkpoint is not None:
-        restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
-        iteration, history, best = (
-            checkpoint["iteration"],
-            checkpoint["history"],
-            checkpoint["best"],
-        )
+    if resumed is not None:
+        restore_training_state(resumed, model, optimizer, scheduler, scaler)
+        iteration, history, best = resumed.state["iteration"], resumed.history, resumed.best
         _logger.info("resumed from %s at iteration %d", args.resume, iteration)
     check_not_finished(iteration, args.iters, "iterations", "--iters")
 
@@ -881,6 +891,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         collate_fn=collate_samples,
     )
     train_model = wrap_distributed(model, dist_info)
+    scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)
         _logger.info(
@@ -903,18 +914,18 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
                 PAPER_GLOBAL_BATCH,
             )
 
-    # Each pass over the data starts from a seed known from its number (engine.epoch_seed).
     passes = iteration // len(train_loader)
-    seed_everything(epoch_seed(args.seed, passes, dist_info.rank))
     loss_sum, loss_count, skipped, window_start = 0.0, 0, 0, time.perf_counter()
     row: dict[str, Any] = {}
     deadline = None if args.time_limit is None else time.perf_counter() + 60 * args.time_limit
     bar = progress_bar(args.iters - iteration, "train", dist_info.is_main)
     train_model.train()
-    for batch in _endless(train_loader, passes):
+    for batch in _endless(train_loader, passes, args.seed, dist_info.rank):
         batch.check()
         skipped += batch.unreadable
-        if len(batch.images) == 0:
+        # A batch that unreadable files left with one image is passed over too: the heads'
+        # BatchNorm cannot train on a single sample.
+        if len(batch.images) < min(MIN_BATCHNORM_BATCH, args.batch_size):
             continue
         images, labels = batch.images.to(dist_info.device), batch.labels.to(dist_info.device)
         with autocast(dist_info.device, args.amp, amp_dtype):
@@ -983,25 +994,15 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         if is_best:
             best = {"mIoU": row["mIoU"], "iteration": iteration}
         if dist_info.is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "iteration": iteration,
-                "task": "segmentation",
-                "model_name": args.model,
-                "model_kwargs": model_kwargs,
-                "class_names": class_names,
-                "args": {k: _plain(v) for k, v in vars(args).items()},
-                "history": history,
-                "best": best,
-                "metrics": {**row, "per_class_iou": metrics["per_class_iou"]},
-            }
-            save_checkpoint(last_path, state)
-            if is_best:
-                save_checkpoint(best_path, state)
+            row_metrics = {**row, "per_class_iou": metrics["per_class_iou"]}
+            state = training_state(
+                model, optimizer, scheduler, scaler, iteration=iteration, metrics=row_metrics
+            )
+            data = {"class_names": class_names, "num_classes": args.num_classes}
+            run = Run(TASK, args.model, model_kwargs, plain_args(args), state, history, best, data)
+            save_run(output, run, is_best)
             write_summary_csv(output, history, SUMMARY_FIELDS)
+            scalars.write(row, iteration)
         _logger.info(
             "iteration %d/%d  train loss %.4f  mIoU %.2f  aAcc %.2f  lr %.3g  %.2f it/s",
             iteration,
@@ -1017,6 +1018,7 @@ def train_segmentation(given: dict[str, Any]) -> dict[str, Any]:
         loss_sum, loss_count, skipped, window_start = 0.0, 0, 0, time.perf_counter()
         train_model.train()
     bar.close()
+    scalars.close()
     if dist_info.enabled:
         dist.barrier()
     return {
@@ -1044,14 +1046,12 @@ SUMMARY_FIELDS = (
 # Validation and prediction from a checkpoint.
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, dict[str, Any]]:
-    """The segmentation model of a ``segment train`` checkpoint, and the checkpoint itself."""
-    checkpoint = load_checkpoint(path)
-    if "iteration" not in checkpoint or "decoder" not in checkpoint.get("model_kwargs", {}):
-        raise ValueError(f"{path} is not a `sgformer segment train` checkpoint")
-    model = build_segmentation_model(checkpoint["model_name"], **checkpoint["model_kwargs"])
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
+def segmenter_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, Run]:
+    """The segmentation model of a ``segment train`` checkpoint, and its run."""
+    run = load_run(path, TASK)
+    model = build_segmentation_model(run.model_name, **run.model_kwargs)
+    model.load_state_dict(run.weights())
+    return model, run
 
 
 def _test_options(
@@ -1092,9 +1092,9 @@ def validate_segmentation(
     label settings, mode and crop default to the training run's.
     """
     dist_info = setup_distributed(device)
-    model, info = model_from_checkpoint(checkpoint)
+    model, run = segmenter_from_checkpoint(checkpoint)
     model.to(dist_info.device)
-    args = info["args"]
+    args = run.args
     root = Path(data_root or args["data_root"])
     pairs, unpaired = find_pairs(root, split or args["val_split"])
     dataset = SegmentationDataset(
@@ -1120,12 +1120,12 @@ def validate_segmentation(
         num_classes=args["num_classes"],
         ignore_index=args["ignore_index"],
         dist_info=dist_info,
-        class_names=info.get("class_names"),
+        class_names=run.data.get("class_names"),
         infer_kwargs=options,
     )
     result = {
-        "model": info["model_name"],
-        "decoder": info["model_kwargs"]["decoder"],
+        "model": run.model_name,
+        "decoder": run.model_kwargs["decoder"],
         "checkpoint": str(checkpoint),
         "data_root": str(root),
         "split": split or args["val_split"],
@@ -1180,9 +1180,9 @@ def predict_segmentation(
     if not 0 <= opacity <= 1:
         raise ValueError(f"--opacity must be within [0, 1], got {opacity}")
     run_device = setup_distributed(device).device
-    model, info = model_from_checkpoint(checkpoint)
+    model, run = segmenter_from_checkpoint(checkpoint)
     model.to(run_device).eval()
-    args = info["args"]
+    args = run.args
     num_classes = args["num_classes"]
     if num_classes > 256:
         raise ValueError(f"palette PNGs hold at most 256 classes, the model has {num_classes}")

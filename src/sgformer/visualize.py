@@ -24,7 +24,7 @@ from timm.data import resolve_data_config
 from timm.data.transforms import str_to_pil_interp
 from torch import nn
 
-from .model import create_model
+from .model import MIN_INPUT_SIZE, create_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -51,7 +51,6 @@ SAMPLE_IMAGES = {"astronaut": "astronaut", "coffee": "coffee", "cat": "chelsea",
 # The long side is capped at this many times the short side's target, so a panorama does not
 # make the stage-1 global attention (N x N / 64 scores) run out of memory.
 MAX_ASPECT = 4
-MIN_SIDE = 32  # the model's smallest input side (one token at stride 32)
 RGBA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # Bucket colours, finest merge (most tokens kept) first: red = tokens spent, blue = merged away.
 ALLOCATION_COLOURS = ("#d7301f", "#fdae61", "#2c7bb6")
@@ -118,14 +117,15 @@ def to_rgb(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
 
 def resized_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     """(H, W) with the short side at ``short_side`` and the long side at most
-    ``MAX_ASPECT * short_side``; ValueError if the short side then falls below ``MIN_SIDE``."""
+    ``MAX_ASPECT * short_side``; ValueError if the short side then falls below the model's
+    ``MIN_INPUT_SIZE``."""
     h, w = size
     scale = min(short_side / min(h, w), MAX_ASPECT * short_side / max(h, w))
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    if min(new_h, new_w) < MIN_SIDE:
+    if min(new_h, new_w) < MIN_INPUT_SIZE:
         raise ValueError(
             f"image of {h} x {w} px is too elongated: resized to {new_h} x {new_w}, the short "
-            f"side must be at least {MIN_SIDE} px (long side capped at {MAX_ASPECT} x "
+            f"side must be at least {MIN_INPUT_SIZE} px (long side capped at {MAX_ASPECT} x "
             f"{short_side})"
         )
     return new_h, new_w
@@ -497,8 +497,8 @@ def save_significance(
     """
     if fmt not in ("png", "npy"):
         raise ValueError(f"format must be 'png' or 'npy', got {fmt!r}")
-    if img_size is not None and img_size < MIN_SIDE:
-        raise ValueError(f"img_size must be at least {MIN_SIDE} px, got {img_size}")
+    if img_size is not None and img_size < MIN_INPUT_SIZE:
+        raise ValueError(f"img_size must be at least {MIN_INPUT_SIZE} px, got {img_size}")
     report = report or _logger.warning
     _parse_blocks(blocks)  # fail on a bad selection before loading anything
     model, info = load_model(model_name, checkpoint, use_ema)

@@ -7,7 +7,7 @@ from .fused import (
     dropout_or_identity,
     sizes_are_symbolic,
 )
-from .lepe import conv_on_grid, grid_map, locally_enhanced
+from .lepe import conv_on_grid, grid_map
 from .mlp import DepthwiseConvMlp
 from .padding import (
     PAD_FILL_VALUE,
@@ -32,7 +32,6 @@ __all__ = [
     "crop_grid",
     "grid_map",
     "grid_padding",
-    "locally_enhanced",
     "pad_grid",
     "padding_needed",
     "resample_position_table",

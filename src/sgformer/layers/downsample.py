@@ -7,8 +7,8 @@ from .fused import GELU, sizes_are_symbolic
 
 # GroupNorm with one group normalises over (C, H, W) per sample, as the published layers do.
 GROUP_NORM_GROUPS = 1
-GROUP_NORM_EPS = 1e-5  # SPEC "Layout": GroupNorm eps
-STEM_LAYER_NORM_EPS = 1e-5  # SPEC "Layout": the stem's token LayerNorm
+GROUP_NORM_EPS = 1e-5  # docs/design.md "Layout": GroupNorm eps
+STEM_LAYER_NORM_EPS = 1e-5  # docs/design.md "Layout": the stem's token LayerNorm
 # CPU images from this many pixels run the stem channels-last (see Stem.forward). At 64 px it
 # is slower (sgformer_nano training step, batch 32: 205 against 217 img/s), at 224 px faster;
 # sizes in between were not measured.

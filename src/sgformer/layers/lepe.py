@@ -45,19 +45,3 @@ def conv_on_grid(
             spatial, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
         )
     return out.flatten(2).transpose(1, 2)  # B, N, C_out
-
-
-def locally_enhanced(
-    x: torch.Tensor, grid: tuple[int, int], linear: nn.Linear, conv: nn.Conv2d
-) -> torch.Tensor:
-    """``conv(linear(x))`` on the token grid (SPEC "Attention": lepe).
-
-    Args:
-        x: (B, N, C) tokens of an (H, W) grid, N = H * W.
-        linear: C -> C.
-        conv: depthwise 3x3, padding 1.
-
-    Returns:
-        (B, N, C).
-    """
-    return conv_on_grid(linear(x), grid, conv)

@@ -8,7 +8,7 @@ from .lepe import conv_on_grid
 
 
 class DepthwiseConvMlp(nn.Module):
-    """``fc2(GELU(h + dwconv3x3(h)))`` with ``h = fc1(x)`` (SPEC "Layout", MLP)."""
+    """``fc2(GELU(h + dwconv3x3(h)))`` with ``h = fc1(x)`` (docs/design.md "Layout", MLP)."""
 
     def __init__(
         self,

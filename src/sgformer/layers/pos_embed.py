@@ -15,7 +15,8 @@ def sincos_2d_table(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(height * width, dim) MAE-style table: first half of channels encode the column,
-    second half the row; each half is [sin, cos] over dim / 4 frequencies (SPEC "Layout")."""
+    second half the row; each half is [sin, cos] over dim / 4 frequencies (docs/design.md,
+    "Layout")."""
     if dim % 4 != 0:
         raise ValueError(f"sine-cosine position table needs dim divisible by 4, got {dim}")
     quarter = dim // 4
