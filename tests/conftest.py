@@ -94,23 +94,39 @@ def kill_after_first_checkpoint(argv: list[str], out: Path) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="session")
-def golden() -> dict:
-    """The published implementation's reference run (docs/design.md, "Reference data");
-    never skipped."""
-    path = GOLDEN_DIR / "sgformer_tiny_ref.pt"
+def load_golden(name: str) -> dict:
+    """A reference run of the published implementation (docs/design.md, "Reference data");
+    a missing file fails, never skips."""
+    path = GOLDEN_DIR / name
     assert path.is_file(), f"golden reference missing: {path} (../shared must sit beside the repo)"
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def model_with_golden_weights(reference: dict) -> torch.nn.Module:
+    """sgformer_nano with a reference run's weights, in eval mode, on the CPU."""
+    model = timm.create_model("sgformer_nano").eval()
+    config = reference["config"]
+    assert list(config["embed_dims"]) == [f["num_chs"] for f in model.feature_info]
+    model.load_state_dict(checkpoint_filter_fn(dict(reference["state_dict"]), model), strict=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    """The published implementation's float32 reference run."""
+    return load_golden("sgformer_tiny_ref.pt")
+
+
+@pytest.fixture(scope="session")
+def reference64() -> dict:
+    """The published implementation's float64 reference run and its float32 errors."""
+    return load_golden("sgformer_tiny_ref64.pt")
 
 
 @pytest.fixture(scope="module")
 def golden_model(golden: dict) -> torch.nn.Module:
     """sgformer_nano with the reference run's weights, in eval mode, on the CPU."""
-    model = timm.create_model("sgformer_nano").eval()
-    config = golden["config"]
-    assert list(config["embed_dims"]) == [f["num_chs"] for f in model.feature_info]
-    model.load_state_dict(checkpoint_filter_fn(dict(golden["state_dict"]), model), strict=True)
-    return model
+    return model_with_golden_weights(golden)
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,10 @@ code run in float32 lands from them (``published_float32_error``, max |a - b| / 
 import copy
 
 import pytest
-import timm
 import torch
 
 import sgformer  # noqa: F401
-from conftest import GOLDEN_DIR
-from sgformer.model import checkpoint_filter_fn
+from conftest import model_with_golden_weights
 
 FLOAT64_RTOL = 1e-10
 FLOAT32_ERROR_FACTOR = 2.0
@@ -45,17 +43,8 @@ PADDED_SIZE = (97, 131)  # pads for the 7x7 windows and every reduction
 
 
 @pytest.fixture(scope="module")
-def reference64() -> dict:
-    path = GOLDEN_DIR / "sgformer_tiny_ref64.pt"
-    assert path.is_file(), f"golden reference missing: {path} (../shared must sit beside the repo)"
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-@pytest.fixture(scope="module")
 def model32(reference64: dict) -> torch.nn.Module:
-    model = timm.create_model("sgformer_nano").eval()
-    model.load_state_dict(checkpoint_filter_fn(dict(reference64["state_dict"]), model))
-    return model
+    return model_with_golden_weights(reference64)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
