@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from sgformer import engine
-from sgformer.checkpoint import FORMAT_VERSION
+from sgformer.checkpoint import FORMAT_VERSION, load_run
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
 
@@ -401,3 +401,23 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shapes,
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
         assert a["top1"] == b["top1"]
     assert not list((tmp_path / "two").glob(".*tmp*"))
+
+
+def test_compiled_training_step_follows_the_eager_run(shapes, tmp_path):
+    # torch.compile (default mode) on the CPU: same losses as the eager run up to rounding, and
+    # the checkpoint holds plain parameter names (the compiled module shares them).
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main([*_train_argv(shapes, eager), "--epochs", "1"]) == 0
+    assert main([*_train_argv(shapes, compiled), "--epochs", "1", "--compile"]) == 0
+    run = load_run(compiled / "last.pth")
+    assert run.args["compile"] == "default"
+    assert not any(key.startswith("_orig_mod") for key in run.state["model"])
+    (eager_row,), (compiled_row,) = _summary(eager), _summary(compiled)
+    for key in ("train_loss", "val_loss"):
+        assert float(compiled_row[key]) == pytest.approx(float(eager_row[key]), rel=1e-3), key
+
+
+def test_compile_mode_is_checked(shapes, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([*_train_argv(shapes, tmp_path / "run"), "--compile", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err

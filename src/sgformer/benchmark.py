@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .model import MIN_INPUT_SIZE
+from .runtime import COMPILE_MODES
 
 _logger = logging.getLogger(__name__)
 
@@ -718,11 +719,6 @@ def benchmark_report(
         files.append(write_csv(rows, output / "benchmark.csv"))
         files += plot(rows, output)
     return {"rows": rows, "table": format_table(rows), "files": files}
-
-
-# torch.compile's modes; ``reduce-overhead`` replays CUDA graphs, which pays where the host
-# launching kernels is the limit (sgformer's eager training step on a GPU, docs/BENCHMARKS.md).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:

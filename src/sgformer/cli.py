@@ -8,7 +8,7 @@ import sys
 
 import sgformer  # noqa: F401  (registers the models with timm)
 
-from .runtime import LOG_FORMATS
+from .runtime import COMPILE_MODES, LOG_FORMATS
 
 DEVICE_HELP = "cpu or cuda (default: cuda when available)"  # every command that runs a model
 LOG_HELP = "csv (default: summary.csv) or tensorboard (also scalars in OUTPUT/tensorboard)"
@@ -174,6 +174,16 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         default=None,
         help="model and images channels-last (faster convolutions on a GPU)",
+    )
+    add(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile the training step; optionally its mode: "
+        + ", ".join(COMPILE_MODES)
+        + " (reduce-overhead: CUDA graphs, for a fixed image size on a GPU)",
     )
     add("--workers", type=int, help="data loading processes per training process")
     add("--seed", type=int, help="random seed (default 42)")

@@ -55,6 +55,7 @@ from .runtime import (
     amp_settings,
     autocast,
     check_ranks_in_sync,
+    compile_model,
     epoch_seed,
     make_scaler,
     progress_bar,
@@ -183,6 +184,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "amp_dtype": None,  # float16 on CUDA, bfloat16 on CPU
     "grad_checkpointing": False,
     "channels_last": False,
+    "compile": None,
     "workers": min(4, os.cpu_count() or 1),
     "seed": 42,
     "output": "runs/train",
@@ -193,7 +195,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "recipe": None,
 }
 # On --resume these come from the command line; everything else from the checkpoint.
-# channels_last changes the memory layout only (and the last bits of some convolutions).
+# channels_last and compile change the memory layout and kernels only (and the last bits).
 RESUME_OVERRIDABLE = {
     "epochs",
     "output",
@@ -203,6 +205,7 @@ RESUME_OVERRIDABLE = {
     "device",
     "data_dir",
     "channels_last",
+    "compile",
 }
 
 
@@ -1065,7 +1068,10 @@ def train(given: dict[str, Any]) -> dict[str, Any]:
         _logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
     check_not_finished(start_epoch, args.epochs, "epochs", "--epochs")
 
-    train_model = wrap_distributed(model, dist_info)
+    # Only the training step is compiled: evaluation and EMA use the eager model, and the
+    # checkpoint its parameters (which the compiled module shares). Runs saved before the flag
+    # existed have no compile.
+    train_model = compile_model(wrap_distributed(model, dist_info), getattr(args, "compile", None))
     scalars = ScalarLog(output, args.log, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_args(output, args)

@@ -102,6 +102,8 @@ def make_scaler(enabled: bool, dtype: torch.dtype, device: torch.device) -> Nati
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -137,6 +139,20 @@ def progress_bar(total: int | None, desc: str, enabled: bool) -> tqdm:
         leave=False,
         dynamic_ncols=True,
     )
+
+
+# torch.compile's modes; ``reduce-overhead`` replays CUDA graphs, which pays where the host
+# launching kernels is the limit (sgformer's eager training step on a GPU, docs/BENCHMARKS.md).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model: nn.Module, mode: str | None) -> nn.Module:
+    """``torch.compile(model)`` in ``mode`` (one of ``COMPILE_MODES``); ``model`` for None."""
+    if mode is None:
+        return model
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def wrap_distributed(model: nn.Module, dist_info: Distributed) -> nn.Module:
