@@ -567,8 +567,7 @@ class SGFormer(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, DepthwiseConvMlp):
+            elif isinstance(module, DepthwiseConvMlp):
                 module.init_non_persistent_buffers()
         if self.pos_embed.is_meta:  # no storage to fill; a later to_empty() + init fills it
             return
