@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sgformer.data import SHAPE_CLASSES, SHAPE_EDGE_MARGIN, _rng, render_scene
-from sgformer.engine import model_from_checkpoint
 from sgformer.model import create_model
+from sgformer.tasks.classification import classifier_from_checkpoint
 from sgformer.visualize import prepare_image
 
 
@@ -121,7 +121,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.checkpoint:
-        model, _ = model_from_checkpoint(args.checkpoint)
+        model, _ = classifier_from_checkpoint(args.checkpoint)
     else:
         torch.manual_seed(args.seed)
         model = create_model(args.model, num_classes=len(SHAPE_CLASSES))

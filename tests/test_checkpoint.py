@@ -25,8 +25,8 @@ from sgformer.checkpoint import (
 from sgformer.cli import main
 from sgformer.convert import METADATA_KEY, convert_checkpoint
 from sgformer.data import write_shapes_dataset
-from sgformer.detection import build_detector, detector_from_checkpoint
-from sgformer.segmentation import build_segmentation_model, segmenter_from_checkpoint
+from sgformer.tasks.detection import build_detector, detector_from_checkpoint
+from sgformer.tasks.segmentation import build_segmentation_model, segmenter_from_checkpoint
 
 
 def load(path, **kwargs) -> torch.nn.Module:

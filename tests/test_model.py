@@ -154,8 +154,8 @@ def test_optimizer_hooks() -> None:
 def test_model_import_stays_light() -> None:
     code = (
         "import sys, sgformer.model; "
-        "heavy = [m for m in ('sgformer.engine', 'sgformer.cli', 'sgformer.detection', "
-        "'sgformer.segmentation', 'sgformer.visualize', 'sgformer.data', 'matplotlib', "
+        "heavy = [m for m in ('sgformer.trainer', 'sgformer.cli', 'sgformer.tasks', "
+        "'sgformer.checkpoint', 'sgformer.visualize', 'sgformer.data', 'matplotlib', "
         "'segmentation_models_pytorch', 'pycocotools') if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -19,12 +19,12 @@ from conftest import (
     kill_after_first_checkpoint,
     run_until_first_checkpoint,
 )
-from sgformer import segmentation as seg
-from sgformer.checkpoint import load_run
+from sgformer import trainer
+from sgformer.checkpoint import load_backbone_weights, load_run
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
-from sgformer.engine import load_backbone_weights
 from sgformer.runtime import Distributed
+from sgformer.tasks import segmentation as seg
 
 CPU = Distributed(0, 1, 0, torch.device("cpu"))
 IMG = 64
@@ -128,8 +128,8 @@ def test_evaluate_on_known_predictions(mode, flip):
     wrong = label.clone()
     wrong[0, 0] = 1  # truth b where the oracle says a
     batches = [
-        seg.Batch(image[None], label[None], 0, []),
-        seg.Batch(image[None], wrong[None], 1, []),
+        trainer.Batch(image[None], label[None]),
+        trainer.Batch(image[None], wrong[None], ["unreadable.png"]),
     ]
     options = {"base_size": 3, "mode": mode, "crop_size": 2, "stride": 1, "flip": flip}
     result = seg.evaluate(
@@ -153,7 +153,7 @@ def test_evaluate_raises_the_first_data_error():
     with pytest.raises(ValueError, match="bad.png holds label value 7"):
         seg.evaluate(
             Oracle(),
-            [seg.Batch(torch.empty(0), torch.empty(0), 0, ["bad.png holds label value 7"])],
+            [trainer.Batch(torch.empty(0), torch.empty(0), [], ["bad.png holds label value 7"])],
             num_classes=3,
             ignore_index=255,
             dist_info=CPU,
@@ -220,7 +220,8 @@ def test_dataset_reports_size_mismatch_and_skips_unreadable(tmp_path):
         pairs, seg.eval_transform, num_classes=3, ignore_index=255, reduce_zero_label=False
     )
     batch = seg.collate_samples([dataset[i] for i in range(3)])
-    assert batch.images.shape == (1, 3, 10, 12) and batch.unreadable == 1
+    assert batch.inputs.shape == (1, 3, 10, 12)
+    assert batch.skipped == [str(tmp_path / "images" / "training" / "zbroken.jpg")]
     assert len(batch.errors) == 1 and "small.jpg is 5x5" in batch.errors[0]
 
 
@@ -331,8 +332,12 @@ def test_lr_schedule_warms_up_then_decays_linearly():
     assert seg.lr_factor(100, 100, 0, 0.9) == 0.0
 
 
+def _settings(given):
+    return seg.SegmentationTask.settings(given)[0]
+
+
 def test_schedules_and_explicit_flags():
-    ade = seg.resolve_segment_args({"data_root": "x"})
+    ade = _settings({"data_root": "x"})
     assert (ade.schedule, ade.lr, ade.iters, ade.warmup_iters) == (
         "upernet_160k",
         6e-5,
@@ -340,13 +345,13 @@ def test_schedules_and_explicit_flags():
         1500,
     )
     assert ade.reduce_zero_label and ade.num_classes == 150 and ade.aux_head
-    fpn = seg.resolve_segment_args({"data_root": "x", "decoder": "fpn", "lr": 3e-4})
+    fpn = _settings({"data_root": "x", "decoder": "fpn", "lr": 3e-4})
     assert (fpn.schedule, fpn.lr, fpn.weight_decay, fpn.iters) == ("fpn_80k", 3e-4, 1e-4, 80_000)
-    shapes = seg.resolve_segment_args({})
+    shapes = _settings({})
     assert shapes.schedule == "shapes" and shapes.model == "sgformer_nano"
     assert not shapes.reduce_zero_label and shapes.num_classes == NUM_CLASSES
     with pytest.raises(ValueError, match="unknown --schedule 'x'"):
-        seg.resolve_segment_args({"schedule": "x"})
+        _settings({"schedule": "x"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,17 +419,33 @@ def test_resume_of_a_finished_run_is_an_error(trained, capsys):
     assert "already finished 4 iterations" in capsys.readouterr().err
 
 
-def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(shapes, tmp_path, monkeypatch):
-    # 8 training images, batch 2: a pass is 4 iterations; the run dies right after the
-    # checkpoint at iteration 4, as a kill between two checkpoints leaves it.
-    flags = ["--iters", "8", "--val-interval", "4", "--seed", "5"]
+@pytest.mark.parametrize(
+    ("flags", "evaluations"),
+    [
+        # 8 training images, batch 2: a pass is 4 iterations; checkpoints end passes.
+        (["--iters", "8", "--val-interval", "4"], [4, 8]),
+        # Checkpoints at 3, 6 and 9 fall inside passes. Two loader processes read ahead; every
+        # sample's augmentation has its own seed and the checkpoint holds the generators'
+        # states (drop path draws from them), so the resumed run draws what the uninterrupted
+        # one drew.
+        (
+            ["--iters", "9", "--val-interval", "3", "--workers", "2", "--drop-path", "0.2"],
+            [3, 6, 9],
+        ),
+    ],
+)
+def test_resume_at_a_checkpoint_repeats_the_uninterrupted_run(
+    shapes, tmp_path, monkeypatch, flags, evaluations
+):
+    # The cut run dies right after its first checkpoint, as a kill between two leaves it.
+    flags = [*flags, "--seed", "5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(_train_argv(shapes, full, *flags)) == 0
-    run_until_first_checkpoint(monkeypatch, seg, lambda: main(_train_argv(shapes, cut, *flags)))
-    assert load_run(cut).state["iteration"] == 4
+    run_until_first_checkpoint(monkeypatch, trainer, lambda: main(_train_argv(shapes, cut, *flags)))
+    assert load_run(cut).state["iteration"] == evaluations[0]
     assert main(["segment", "train", "--resume", str(cut)]) == 0
     resumed = load_run(cut).history
-    assert [row["iteration"] for row in resumed] == [4, 8]
+    assert [row["iteration"] for row in resumed] == evaluations
     assert_same_rows(load_run(full).history, resumed, ("train_loss", "mIoU", "aAcc", "lr"))
 
 

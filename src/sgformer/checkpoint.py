@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -27,8 +28,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from .model import check_checkpoint_file
+from .model import check_checkpoint_file, checkpoint_filter_fn
+
+_logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 LEGACY_FORMAT = 1  # the three per-task schemas of before, with no "format_version" key
@@ -242,6 +246,60 @@ def load_run(path: str | Path, task: str | None = None) -> Run:
     if task is not None:
         check_task(run, task)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights into models: classifiers, and the backbones of detection and segmentation models.
+
+
+def _weights_in(checkpoint: dict[str, Any], path: str | Path, use_ema: bool = False) -> dict:
+    """The state dict a published file, bare state dict or our classification run holds."""
+    run = as_run(checkpoint, path)
+    if run is None:
+        return checkpoint
+    check_task(run, "classification")
+    return run.weights(use_ema)
+
+
+def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> None:
+    """Load a published file, bare state dict, or our training checkpoint into ``model``."""
+    state = _weights_in(read_checkpoint(path), path, use_ema)
+    if hasattr(model, "pos_embed_grid") or "stem.conv1.weight" in model.state_dict():
+        state = checkpoint_filter_fn(state, model)
+    result = model.load_state_dict(state, strict=False)
+    head_only = {"head.weight", "head.bias"}
+    if result.unexpected_keys or set(result.missing_keys) - head_only:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Classification weights (published, bare or ours) into the SG-Former of a dense model.
+
+    The classifier is dropped and ``pos_embed`` resampled (``checkpoint_filter_fn``); every
+    other tensor must fit, else ``ValueError`` names what is missing or left over. Detection
+    and segmentation checkpoints are refused: they resume with ``--resume``/``--checkpoint``.
+    ``load_weights`` does not serve here: a feature backbone has no head to leave unfilled.
+    """
+    checkpoint = read_checkpoint(path)
+    run = as_run(checkpoint, path)
+    if run is not None and run.task != "classification":
+        raise ValueError(
+            f"{path} is a {run.task} checkpoint, not classification weights; use --resume or "
+            "--checkpoint for it, --backbone-checkpoint for a classifier's"
+        )
+    state = checkpoint_filter_fn(checkpoint if run is None else run.weights(), backbone)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit the {type(backbone).__name__} backbone: missing "
+            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}; pass the "
+            "classification checkpoint of the same --model"
+        )
+    _logger.info("backbone weights loaded from %s", path)
 
 
 def weights_source(checkpoint: dict[str, Any]) -> dict[str, Any]:

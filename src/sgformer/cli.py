@@ -8,10 +8,9 @@ import sys
 
 import sgformer  # noqa: F401  (registers the models with timm)
 
-from .runtime import COMPILE_MODES, LOG_FORMATS
+from .config import add_flags
 
 DEVICE_HELP = "cpu or cuda (default: cuda when available)"  # every command that runs a model
-LOG_HELP = "csv (default: summary.csv) or tensorboard (also scalars in OUTPUT/tensorboard)"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -62,20 +61,26 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .engine import train
+def _given(args: argparse.Namespace) -> dict[str, object]:
+    """The flags of a train command (None where not given), without the command's own keys."""
+    skip = {"command", "run", "detect_command", "segment_command"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-    result = train(given)
+
+def _train(args: argparse.Namespace) -> int:
+    from .tasks.classification import train
+
+    result = train(_given(args))
+    best = result["best"]
     print(
         f"finished {result['epoch']} epochs: top-1 {result['top1']:.2f} %, best "
-        f"{result['best_top1']:.2f} % (epoch {result['best_epoch']}); outputs in {result['output']}"
+        f"{best['top1']:.2f} % (epoch {best.get('epoch')}); outputs in {result['output']}"
     )
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .engine import validate_checkpoint
+    from .tasks.classification import validate_checkpoint
 
     result = validate_checkpoint(
         args.data_dir,
@@ -103,7 +108,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from .engine import predict
+    from .tasks.classification import predict
 
     predictions, skipped = predict(
         args.inputs,
@@ -126,71 +131,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    """Flags as timm's train.py; None means "not given": the recipe or default decides
-    (sgformer.engine.TRAIN_DEFAULTS and RECIPES)."""
+    """Flags as timm's train.py, generated from ClassificationConfig (defaults and help there;
+    --recipe presets in RECIPES)."""
+    from .tasks.classification import ClassificationConfig
+
     train = commands.add_parser(
         "train", help="train or fine-tune a classifier (timm train.py flags, paper recipes)"
     )
-    add = train.add_argument
-    add("--data-dir", help="dataset root with train/ and val/ (or validation/) class folders")
-    add("--dataset", help="timm dataset specifier: folder (default), tar, hfds/NAME, wds/NAME")
-    add("--train-split", help="training split (default train)")
-    add("--val-split", help="validation split (default validation; val also accepted)")
-    add("--recipe", help="paper presets: sgformer_s, sgformer_m, sgformer_b, finetune_384")
-    add("--model", help="model name (default sgformer_s)")
-    add("--pretrained", action="store_true", default=None, help="start from pretrained weights")
-    add("--pretrained-path", help="file with the pretrained weights (nothing is downloaded)")
-    add("--initial-checkpoint", help="weights to start from (published, bare or ours)")
-    add("--resume", help="run folder or checkpoint to continue exactly")
-    add("--num-classes", type=int, help="classes (default: the number of class folders)")
-    add("--img-size", type=int, help="training and eval image size (default 224)")
-    add("-b", "--batch-size", type=int, help="batch size per process (default 128)")
-    add("--opt", help="optimizer (default adamw)")
-    add("--lr", type=float, help="learning rate (default 1e-3)")
-    add("--weight-decay", type=float, help="weight decay (default 0.05)")
-    add("--sched", help="lr schedule (default cosine, per iteration)")
-    add("--epochs", type=int, help="epochs (default 100)")
-    add("--warmup-epochs", type=int, help="linear warm-up epochs (default 5)")
-    add("--warmup-lr", type=float, help="lr at the start of warm-up (default 1e-6)")
-    add("--min-lr", type=float, help="lr at the end of the cosine (default 1e-5)")
-    add("--clip-grad", type=float, help="clip the gradient norm to this value (default off)")
-    add("--scale", type=float, nargs=2, help="random-resized-crop area range (default 0.08 1)")
-    add("--ratio", type=float, nargs=2, help="random-resized-crop aspect range (default 3/4 4/3)")
-    add("--hflip", type=float, help="horizontal flip probability (default 0.5)")
-    add("--color-jitter", type=float, help="colour jitter strength (default 0.4)")
-    add("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; none turns it off")
-    add("--reprob", type=float, help="random erasing probability (default 0)")
-    add("--mixup", type=float, help="mixup alpha (default 0: off)")
-    add("--cutmix", type=float, help="cutmix alpha (default 0: off)")
-    add("--smoothing", type=float, help="label smoothing (default 0.1)")
-    add("--drop-path", type=float, help="stochastic depth rate (default 0.1)")
-    add("--model-ema", action="store_true", default=None, help="keep an EMA of the weights")
-    add("--model-ema-decay", type=float, help="EMA decay (default 0.9998)")
-    add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
-    add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
-    add("--grad-checkpointing", action="store_true", default=None, help="save activation memory")
-    add(
-        "--channels-last",
-        action="store_true",
-        default=None,
-        help="model and images channels-last (faster convolutions on a GPU)",
-    )
-    add(
-        "--compile",
-        nargs="?",
-        const="default",
-        choices=COMPILE_MODES,
-        metavar="MODE",
-        help="torch.compile the training step; optionally its mode: "
-        + ", ".join(COMPILE_MODES)
-        + " (reduce-overhead: CUDA graphs, for a fixed image size on a GPU)",
-    )
-    add("--workers", type=int, help="data loading processes per training process")
-    add("--seed", type=int, help="random seed (default 42)")
-    add("--output", help="run folder for checkpoints, summary.csv, args.yaml, curves.png")
-    add("--log-interval", type=int, help="steps between log lines without a terminal")
-    add("--log", choices=LOG_FORMATS, help=LOG_HELP)
-    add("--device", help=DEVICE_HELP)
+    add_flags(train, ClassificationConfig)
     train.set_defaults(run=_train)
 
 
@@ -246,23 +194,22 @@ def _significance(args: argparse.Namespace) -> int:
 
 
 def _detect_train(args: argparse.Namespace) -> int:
-    from .detection import train_detector
+    from .tasks.detection import train
 
-    skip = ("command", "run", "detect_command")
-    result = train_detector({k: v for k, v in vars(args).items() if k not in skip})
-    ap = result.get("bbox_AP50")
+    result = train(_given(args))
+    ap, best = result.get("bbox_AP50"), result["best"]
     print(
-        f"finished {result['epoch']} epochs: bbox AP {result.get('bbox_AP', 0.0):.3f}, "
-        f"AP50 {ap if ap is None else f'{ap:.3f}'}, best AP {result['best_bbox_AP']:.3f} "
-        f"(epoch {result['best_epoch']}); outputs in {result['output']}"
+        f"finished {result['epoch']} epochs: bbox AP {result.get('bbox_AP') or 0.0:.3f}, "
+        f"AP50 {ap if ap is None else f'{ap:.3f}'}, best AP {max(best['bbox_AP'], 0.0):.3f} "
+        f"(epoch {best.get('epoch')}); outputs in {result['output']}"
     )
     return 0
 
 
 def _detect_val(args: argparse.Namespace) -> int:
-    from .detection import evaluate_checkpoint
+    from .tasks.detection import validate_checkpoint
 
-    metrics = evaluate_checkpoint(
+    metrics = validate_checkpoint(
         args.checkpoint,
         args.data_root,
         args.ann_file,
@@ -272,7 +219,7 @@ def _detect_val(args: argparse.Namespace) -> int:
         results_file=args.results_file,
         predictions_file=args.predictions_file,
     )
-    print(f"{metrics['images']} images ({metrics['val_skipped']} skipped) from {args.checkpoint}")
+    print(f"{metrics['images']} images ({metrics['skipped']} skipped) from {args.checkpoint}")
     for iou_type in ("bbox", "segm"):
         names = [k for k in metrics if k.startswith(f"{iou_type}_")]
         if names:
@@ -287,9 +234,9 @@ def _detect_val(args: argparse.Namespace) -> int:
 
 
 def _detect_predict(args: argparse.Namespace) -> int:
-    from .detection import predict_images
+    from .tasks.detection import predict
 
-    result = predict_images(
+    result = predict(
         args.inputs,
         args.checkpoint,
         args.output,
@@ -305,48 +252,16 @@ def _detect_predict(args: argparse.Namespace) -> int:
 
 
 def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
-    """``sgformer detect train|val|predict``; None means "not given": the schedule preset or
-    the default decides (sgformer.detection.DETECT_DEFAULTS and SCHEDULES)."""
+    """``sgformer detect train|val|predict``; the train flags are generated from
+    DetectionConfig (defaults and help there; --schedule presets in SCHEDULES)."""
     detect = commands.add_parser(
         "detect", help="Mask R-CNN / Faster R-CNN on SG-Former + FPN (docs/detection.md)"
     )
+    from .tasks.detection import DetectionConfig
+
     tasks = detect.add_subparsers(dest="detect_command", required=True)
     train = tasks.add_parser("train", help="train or resume (no data flags: synthetic shapes)")
-    add = train.add_argument
-    add("--data-root", help="training image folder (e.g. coco/train2017)")
-    add("--ann-file", help="training COCO instances JSON")
-    add("--val-data-root", help="validation image folder (default: --data-root)")
-    add("--val-ann-file", help="validation COCO instances JSON")
-    add("--schedule", help="presets: 1x, 3x (paper COCO setups), shapes (CPU demo)")
-    add("--model", help="backbone (default sgformer_s; shapes: sgformer_nano)")
-    add("--backbone-checkpoint", help="ImageNet weights for the backbone (published or ours)")
-    add("--no-mask", dest="mask", action="store_false", default=None, help="Faster R-CNN")
-    add("--resume", help="run folder or checkpoint to continue exactly")
-    add("--epochs", type=int, help="epochs (1x: 12, 3x: 36)")
-    add("-b", "--batch-size", type=int, help="images per process (default 2)")
-    add("--lr", type=float, help="AdamW learning rate (default 1e-4)")
-    add("--weight-decay", type=float, help="weight decay (default 0.05)")
-    add("--backbone-lr-mult", type=float, help="backbone lr multiplier (default 1.0)")
-    add("--lr-steps", type=int, nargs="+", help="epochs after which lr x0.1 (1x: 8 11)")
-    add("--warmup-iters", type=int, help="linear warm-up iterations (default 500)")
-    add("--clip-grad", type=float, help="clip the gradient norm (default off)")
-    add("--frozen-stages", type=int, help="-1 none, 0 stem, n stem + first n stages")
-    add("--drop-path", type=float, help="backbone stochastic depth (default 0.2)")
-    add("--short-side", type=int, nargs="+", help="short side(s); several: random per image")
-    add("--max-size", type=int, help="longest side cap (default 1333)")
-    add("--out-channels", type=int, help="FPN channels (default 256)")
-    add("--anchor-sizes", type=int, nargs=5, help="anchor size per FPN level (32 ... 512)")
-    add("--hflip", type=float, help="horizontal flip probability (default 0.5)")
-    add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
-    add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
-    add("--workers", type=int, help="data loading processes per training process")
-    add("--seed", type=int, help="random seed (default 42)")
-    add("--output", help="run folder (last.pth, best.pth, summary.csv, args.yaml)")
-    add("--log-interval", type=int, help="steps between log lines without a terminal")
-    add("--log", choices=LOG_FORMATS, help=LOG_HELP)
-    add("--eval-interval", type=int, help="epochs between COCO evaluations (default 1)")
-    add("--time-limit", type=float, help="stop training after this many minutes, then evaluate")
-    add("--device", help=DEVICE_HELP)
+    add_flags(train, DetectionConfig)
     train.set_defaults(run=_detect_train)
 
     val = tasks.add_parser("val", help="COCO box and mask AP of a checkpoint")
@@ -370,22 +285,22 @@ def _add_detect_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _segment_train(args: argparse.Namespace) -> int:
-    from .segmentation import train_segmentation
+    from .tasks.segmentation import train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "segment_command", "run")}
-    result = train_segmentation(given)
+    result = train(_given(args))
+    best = result["best"]
     print(
         f"finished {result['iteration']} iterations: mIoU {100 * result['mIoU']:.2f} %, aAcc "
-        f"{100 * result['aAcc']:.2f} %, best mIoU {100 * result['best_mIoU']:.2f} % (iteration "
-        f"{result['best_iteration']}); outputs in {result['output']}"
+        f"{100 * result['aAcc']:.2f} %, best mIoU {100 * best['mIoU']:.2f} % (iteration "
+        f"{best['iteration']}); outputs in {result['output']}"
     )
     return 0
 
 
 def _segment_val(args: argparse.Namespace) -> int:
-    from .segmentation import format_iou_table, validate_segmentation
+    from .tasks.segmentation import format_iou_table, validate_checkpoint
 
-    result = validate_segmentation(
+    result = validate_checkpoint(
         args.checkpoint,
         data_root=args.data_root,
         split=args.split,
@@ -409,9 +324,9 @@ def _segment_val(args: argparse.Namespace) -> int:
 
 
 def _segment_predict(args: argparse.Namespace) -> int:
-    from .segmentation import predict_segmentation
+    from .tasks.segmentation import predict
 
-    result = predict_segmentation(
+    result = predict(
         args.inputs,
         args.checkpoint,
         output=args.output,
@@ -432,56 +347,18 @@ def _segment_predict(args: argparse.Namespace) -> int:
 
 
 def _add_segment_parsers(commands: argparse._SubParsersAction) -> None:
-    """``segment train|val|predict``; None means "not given": the --schedule preset or
-    sgformer.segmentation.SEG_DEFAULTS decides."""
+    """``segment train|val|predict``; the train flags are generated from SegmentationConfig
+    (defaults and help there; --schedule presets in SCHEDULES)."""
     segment = commands.add_parser(
         "segment", help="semantic segmentation: UperNet / Semantic FPN on SG-Former (ADE20K)"
     )
+    from .tasks.segmentation import SegmentationConfig
+
     actions = segment.add_subparsers(dest="segment_command", required=True)
     train = actions.add_parser(
         "train", help="train (no --data-root: sgformer_nano on the built-in shapes scenes)"
     )
-    add = train.add_argument
-    add("--data-root", help="ADE20K layout: images/{training,validation}, annotations/...")
-    add("--schedule", help="presets: upernet_160k, fpn_80k, shapes (default by data/decoder)")
-    add("--model", help="backbone (default sgformer_s; shapes: sgformer_nano)")
-    add("--decoder", choices=("upernet", "fpn"), help="decoder head (default upernet)")
-    add("--num-classes", type=int, help="classes (ADE20K 150; shapes 9 with background)")
-    add("--ignore-index", type=int, help="label value ignored in loss and metrics (default 255)")
-    add(
-        "--reduce-zero-label",
-        action=argparse.BooleanOptionalAction,
-        help="label 0 -> ignore, others -1 (on for ADE20K; --no-reduce-zero-label if 0 is a class)",
-    )
-    add("--train-split", help="training split folder (default training)")
-    add("--val-split", help="validation split folder (default validation)")
-    add("--backbone-checkpoint", help="classification weights for the SG-Former encoder")
-    add("--resume", help="run folder or checkpoint to continue exactly")
-    add("--iters", type=int, help="training iterations (upernet_160k: 160000)")
-    add("-b", "--batch-size", type=int, help="batch size per process (paper: 16 in total)")
-    add("--lr", type=float, help="AdamW learning rate (upernet 6e-5, fpn 1e-4)")
-    add("--weight-decay", type=float, help="AdamW weight decay (upernet 0.01, fpn 1e-4)")
-    add("--warmup-iters", type=int, help="linear warm-up iterations (upernet 1500)")
-    add("--power", type=float, help="poly decay power (1: linear decay)")
-    add("--min-lr", type=float, help="lr at the end of the decay (default 0)")
-    add("--crop-size", type=int, help="square training crop (default 512)")
-    add("--base-size", type=int, help="short side before random rescale, as (4x, 1x) (512)")
-    add("--scale-range", type=float, nargs=2, help="random rescale range (default 0.5 2.0)")
-    add("--decoder-channels", type=int, help="decoder width (upernet 512, fpn 256)")
-    add("--aux-head", action=argparse.BooleanOptionalAction, help="auxiliary FCN head (0.4)")
-    add("--drop-path", type=float, help="backbone stochastic depth rate (default 0.1)")
-    add("--clip-grad", type=float, help="clip the gradient norm to this value (default off)")
-    add("--amp", action="store_true", default=None, help="mixed precision (autocast)")
-    add("--amp-dtype", help="float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)")
-    add("--mode", choices=("whole", "slide"), help="inference during validation (whole)")
-    add("--val-interval", type=int, help="iterations between evaluations and checkpoints")
-    add("--time-limit", type=float, help="minutes; then evaluate, checkpoint and stop")
-    add("--workers", type=int, help="data loading processes per training process")
-    add("--seed", type=int, help="random seed (default 0)")
-    add("--output", help="run folder for checkpoints, summary.csv, args.yaml")
-    add("--log-interval", type=int, help="iterations between log lines without a terminal")
-    add("--log", choices=LOG_FORMATS, help=LOG_HELP)
-    add("--device", help=DEVICE_HELP)
+    add_flags(train, SegmentationConfig)
     train.set_defaults(run=_segment_train)
 
     def add_test_flags(parser: argparse.ArgumentParser) -> None:

@@ -79,6 +79,30 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 1_000_003 * (epoch + 1) + 7919 * rank
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (Python, NumPy, torch CPU and CUDA) as plain data
+    that a ``weights_only`` checkpoint holds."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def amp_settings(enabled: bool, dtype_name: str | None, device: torch.device) -> torch.dtype:
     """The autocast dtype: float16 on CUDA and bfloat16 on CPU unless ``dtype_name`` says."""
     if dtype_name is None:
@@ -113,6 +137,15 @@ def reduce_sum(values: list[float], dist_info: Distributed) -> list[float]:
     if dist_info.enabled:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_objects(value: Any, dist_info: Distributed) -> list[Any]:
+    """``value`` of every rank, in rank order (a list of one without torchrun)."""
+    if not dist_info.enabled:
+        return [value]
+    gathered: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def check_ranks_in_sync(model: nn.Module, dist_info: Distributed) -> None:

@@ -171,9 +171,9 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a model in eval mode, with a checkpoint's weights if one is given.
 
-    Checkpoints load through ``sgformer.engine.model_from_checkpoint``: a training checkpoint
-    names its model (``model_name`` may then be None and must otherwise agree) and classes;
-    published files and bare state dicts need ``model_name``. ``use_ema`` loads a training
+    Checkpoints load through ``tasks.classification.classifier_from_checkpoint``: a training
+    checkpoint names its model (``model_name`` may then be None and must otherwise agree) and
+    classes; published files and bare state dicts need ``model_name``. ``use_ema`` loads a training
     checkpoint's EMA weights.
 
     Returns:
@@ -189,9 +189,9 @@ def load_model(
             "img_size": None,
             "class_names": None,
         }
-    from .engine import class_names_for, model_from_checkpoint
+    from .tasks.classification import class_names_for, classifier_from_checkpoint
 
-    model, info = model_from_checkpoint(checkpoint, model_name, use_ema=use_ema)
+    model, info = classifier_from_checkpoint(checkpoint, model_name, use_ema=use_ema)
     num_classes = getattr(model, "num_classes", 0)
     return model.eval(), {
         "model_name": info["model_name"],

@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ...trainer import Batch
+
 _logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -280,13 +282,11 @@ class CocoInstances(Dataset):
         return mask_utils.decode(rle).astype(np.uint8)
 
 
-def collate_detection(
-    samples: list[tuple[Any, Any]],
-) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[str]]:
-    """Lists of images and targets (sizes differ), and the names of unreadable files."""
+def collate_detection(samples: list[tuple[Any, Any]]) -> Batch:
+    """Lists of (3, H_i, W_i) images and their targets (sizes differ); unreadable files named."""
     good = [s for s in samples if s[0] is not None]
     skipped = [s[1] for s in samples if s[0] is None]
-    return [s[0] for s in good], [s[1] for s in good], skipped
+    return Batch([s[0] for s in good], [s[1] for s in good], skipped)
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:

@@ -13,13 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
-from sgformer import engine
 from sgformer.checkpoint import FORMAT_VERSION, load_run
 from sgformer.cli import main
 from sgformer.data import write_shapes_dataset
+from sgformer.model import create_model
+from sgformer.runtime import unwrap_model
+from sgformer.tasks import classification
+from sgformer.tasks.classification import ClassificationTask
 
 IMG = 32
 # Augmentations off, so that runs differ only by what the test changes.
@@ -69,8 +73,12 @@ def _copy_with_corrupt(shapes: Path, dst: Path) -> Path:
 # ----------------------------------------------------------------------------- recipes
 
 
+def _settings(given: dict) -> object:
+    return ClassificationTask.settings({"data_dir": "data", **given})[0]
+
+
 def test_recipe_values_and_explicit_flags_win():
-    args = engine.resolve_train_args({"recipe": "sgformer_m", "epochs": 5, "lr": None})
+    args = _settings({"recipe": "sgformer_m", "epochs": 5, "lr": None})
     assert (args.model, args.drop_path, args.model_ema_decay) == ("sgformer_m", 0.2, 0.99992)
     assert (args.mixup, args.cutmix, args.reprob, args.aa) == (
         0.8,
@@ -78,17 +86,19 @@ def test_recipe_values_and_explicit_flags_win():
         0.25,
         "rand-m9-mstd0.5-inc1",
     )
-    assert args.epochs == 5 and args.lr == 1e-3 and not args.lr_explicit
-    fine = engine.resolve_train_args({"recipe": "finetune_384", "drop_path": 0.3})
+    assert args.epochs == 5 and args.lr == 1e-3 and args.scale_recipe_lr
+    fine = _settings({"recipe": "finetune_384", "drop_path": 0.3})
     assert (fine.img_size, fine.lr, fine.weight_decay, fine.drop_path) == (384, 5e-6, 1e-8, 0.3)
-    demo = engine.resolve_train_args({"recipe": "shapes_demo", "epochs": 2})
+    demo = _settings({"recipe": "shapes_demo", "epochs": 2})
     assert demo.model == "sgformer_nano" and demo.img_size == 64 and demo.epochs == 2
-    assert not demo.recipe_lr_scaling  # the demo's lr is absolute, the paper's scale with batch
-    assert engine.resolve_train_args({"recipe": "sgformer_s"}).recipe_lr_scaling
-    plain = engine.resolve_train_args({})
-    assert plain.model == "sgformer_s" and plain.mixup == 0.0 and not plain.recipe_lr_scaling
-    with pytest.raises(ValueError, match="unknown recipe 'sgformer_xl'"):
-        engine.resolve_train_args({"recipe": "sgformer_xl"})
+    assert not demo.scale_recipe_lr  # the demo's lr is absolute, the paper's scale with batch
+    assert not _settings({"recipe": "sgformer_s", "lr": 1e-3}).scale_recipe_lr  # --lr given
+    plain = _settings({})
+    assert plain.model == "sgformer_s" and plain.mixup == 0.0 and not plain.scale_recipe_lr
+    with pytest.raises(ValueError, match="unknown --recipe 'sgformer_xl'"):
+        _settings({"recipe": "sgformer_xl"})
+    with pytest.raises(ValueError, match="--data-dir is required"):
+        ClassificationTask.settings({})
 
 
 # ----------------------------------------------------------------------------- a short run
@@ -130,22 +140,23 @@ def test_training_learns(shapes, tmp_path):
 
 def test_channels_last_trains_the_same_run(shapes, tmp_path, monkeypatch):
     seen = []
-    real = engine.train_one_epoch
+    real = ClassificationTask.train_step
 
-    def spy(model, *args, **kwargs):
+    def spy(task, model, batch):
         stem_weight = next(p for p in model.parameters() if p.ndim == 4)
-        seen.append((stem_weight.is_contiguous(memory_format=torch.channels_last), kwargs))
-        return real(model, *args, **kwargs)
+        seen.append((stem_weight.is_contiguous(memory_format=torch.channels_last), task))
+        return real(task, model, batch)
 
-    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    monkeypatch.setattr(ClassificationTask, "train_step", spy)
     runs = {}
     for flags in ([], ["--channels-last"]):
         out = tmp_path / ("nhwc" if flags else "nchw")
         assert main(_train_argv(shapes, out, *PLAIN, "--epochs", "2", *flags)) == 0
         runs[bool(flags)] = _summary(out)
-    assert [weight_nhwc for weight_nhwc, _ in seen] == [False, False, True, True]
-    formats = [kwargs["memory_format"] for _, kwargs in seen]
-    assert formats == [torch.preserve_format] * 2 + [torch.channels_last] * 2
+    steps = len(seen) // 2  # 2 epochs of 4 batches, per run
+    assert [weight_nhwc for weight_nhwc, _ in seen] == [False] * steps + [True] * steps
+    formats = [task.memory_format for _, task in seen]
+    assert formats == [torch.preserve_format] * steps + [torch.channels_last] * steps
     # The same run in another layout: only the convolutions' last bits differ.
     for plain, nhwc in zip(runs[False], runs[True], strict=True):
         for key in ("train_loss", "val_loss"):
@@ -196,22 +207,32 @@ class _Killed(Exception):
     pass
 
 
+def _fail_at_step(monkeypatch, step: int, failure) -> None:
+    """Make the ``step``-th training step (from 1) of the next run call ``failure(model)``."""
+    real, calls = ClassificationTask.train_step, []
+
+    def train_step(task, model, batch):
+        calls.append(1)
+        if len(calls) == step:
+            failure(model)
+        return real(task, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "train_step", train_step)
+
+
 def test_resume_repeats_the_uninterrupted_run(shapes, tmp_path, monkeypatch):
     flags = ["--model-ema", "--mixup", "0.5", "--cutmix", "0.5", "--reprob", "0.25"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(_train_argv(shapes, full, *flags)) == 0
 
-    real = engine.train_one_epoch
+    def die(model):
+        raise _Killed
 
-    def stop_at_third_epoch(*args, **kwargs):
-        if kwargs["epoch"] == 2:
-            raise _Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_one_epoch", stop_at_third_epoch)
-    with pytest.raises(_Killed):
-        main(_train_argv(shapes, cut, *flags))
-    monkeypatch.setattr(engine, "train_one_epoch", real)
+    # 32 images at batch 8: 4 steps an epoch; killed in the second step of epoch 3.
+    with monkeypatch.context() as patch:
+        _fail_at_step(patch, 10, die)
+        with pytest.raises(_Killed):
+            main(_train_argv(shapes, cut, *flags))
     assert len(_summary(cut)) == 2
 
     assert main(["train", "--resume", str(cut)]) == 0
@@ -251,18 +272,15 @@ def test_resume_errors(tmp_path, trained, shapes, capsys):
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shapes, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real = engine.train_one_epoch
 
-    def poison_second_epoch(model, *args, **kwargs):
-        if kwargs["epoch"] == 1:
-            with torch.no_grad():
-                engine.unwrap_model(model).head.weight.fill_(float("nan"))
-        return real(model, *args, **kwargs)
+    def poison(model):
+        with torch.no_grad():
+            unwrap_model(model).head.weight.fill_(float("nan"))
 
-    monkeypatch.setattr(engine, "train_one_epoch", poison_second_epoch)
+    _fail_at_step(monkeypatch, 5, poison)  # the first step of epoch 2
     assert main(_train_argv(shapes, out)) == 2
     err = capsys.readouterr().err
-    assert "loss is nan at epoch 1 step 0 (update 5)" in err
+    assert "loss is nan at iteration 5 (epoch 2, batch 1)" in err
     assert f"last good checkpoint is {out / 'last.pth'}" in err
     ckpt = torch.load(out / "last.pth", weights_only=True)
     state = ckpt["state"]
@@ -371,10 +389,10 @@ def test_predict_names_classes_and_skips_unreadable(trained, shapes, tmp_path, c
 def test_predict_uses_imagenet_names_for_1000_class_weights(tmp_path, shapes):
     torch.manual_seed(0)
     weights = tmp_path / "w.pth"
-    torch.save(engine.create_model("sgformer_nano").state_dict(), weights)
+    torch.save(create_model("sgformer_nano").state_dict(), weights)
     image = next((shapes / "val" / "ring").glob("*.png"))
-    predictions, _ = engine.predict([image], weights, model_name="sgformer_nano", topk=2)
-    imagenet = engine.timm.data.ImageNetInfo()
+    predictions, _ = classification.predict([image], weights, model_name="sgformer_nano", topk=2)
+    imagenet = timm.data.ImageNetInfo()
     top = predictions[0]["topk"][0]
     assert top["class"] == imagenet.index_to_description(top["index"])
 
