@@ -402,8 +402,8 @@ def _training_batches(
 # Steps.
 
 
-# timm optimizer names whose torch class has one fused kernel for all parameters (CPU and CUDA):
-# the default per-tensor loop was about 10 % of sgformer_nano's training step on a 2-core CPU.
+# timm optimizer names whose torch class has one fused kernel for all parameters (CPU and CUDA),
+# which the per-tensor loop of the default is not (docs/training.md, "make demo").
 FUSED_OPTIMIZERS = {"adam", "adamw"}
 
 

@@ -188,7 +188,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "smoothing": 0.1,
         "drop_path": 0.0,
         # Loading in the training process: on 2 cores a loader process preempts one of the two
-        # compute threads, and the step waits for it (149 against 125 images/s measured).
+        # compute threads, and the step waits for it (docs/training.md, "make demo").
         "workers": 0,
     },
 }
