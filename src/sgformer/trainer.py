@@ -74,8 +74,7 @@ class TrainConfig:
     """Settings of every training command; each task's config adds its own fields."""
 
     resume: str | None = config.option(None, "run folder or checkpoint to continue exactly")
-    output: str = config.option("runs/train", "run folder (last.pth, best.pth, summary.csv, "
-                                "curves.png, args.yaml)", resume=True)  # fmt: skip
+    output: str = config.option("runs/train", "run folder for checkpoints and logs", resume=True)
     amp: bool = config.option(False, "mixed precision (autocast)")
     amp_dtype: str | None = config.option(
         None, "float16 or bfloat16 (default float16 on CUDA, bfloat16 on CPU)"
@@ -110,9 +109,11 @@ class TrainConfig:
         resume=True,
     )
     time_limit: float | None = config.option(
-        None, "minutes of training after which the run evaluates, checkpoints and stops",
-        type=float, resume=True,
-    )  # fmt: skip
+        None,
+        "minutes of training after which the run evaluates, checkpoints and stops",
+        type=float,
+        resume=True,
+    )
     device: str | None = config.option(
         None, "cpu or cuda (default: cuda when available)", resume=True
     )
