@@ -35,7 +35,11 @@ def _rows(layer, start, stop):
 
 def _lepe(attn, x, grid):
     B, N, C = x.shape
-    spatial = attn.lepe_linear(x).transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
+    # The LePE linear: the last C output rows of a fused input projection.
+    names = ("q_lepe", "qkv_lepe", "lepe_linear")
+    layer = next(getattr(attn, name) for name in names if hasattr(attn, name))
+    lepe = F.linear(x, *_rows(layer, layer.out_features - C, layer.out_features))  # B, N, C
+    spatial = lepe.transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
     return attn.lepe_conv(spatial).flatten(2).transpose(1, 2)  # B, N, C
 
 
@@ -88,7 +92,7 @@ def _guided_reference(attn, x, grid, significance):
     kv_last = [torch.cat([t[C // 2 : C], t[C + C // 2 :]]) for t in (attn.kv.weight, attn.kv.bias)]
     k_first, v_first = F.linear(merged, *kv_first).reshape(B, M, 2, half, d).permute(2, 0, 3, 1, 4)
     k_last, v_last = F.linear(merged, *kv_last).reshape(B, M, 2, half, d).permute(2, 0, 3, 1, 4)
-    q = attn.q(x).reshape(B, N, heads, d).transpose(1, 2)  # B, heads, N, d
+    q = F.linear(x, *_rows(attn.q_lepe, 0, C)).reshape(B, N, heads, d).transpose(1, 2)
     k, v = torch.cat([k_first, k_last], dim=1), torch.cat([v_first, v_last], dim=1)
     out = F.scaled_dot_product_attention(q, k, v)  # B, heads, N, d
     return attn.proj(out.transpose(1, 2).reshape(B, N, C) + _lepe(attn, x, grid))
@@ -97,8 +101,8 @@ def _guided_reference(attn, x, grid, significance):
 def _global_reference(attn, x, grid):
     B, N, C = x.shape
     heads = attn.num_heads
-    q = F.linear(x, *_rows(attn.qkv, 0, C)).reshape(B, N, heads, -1).transpose(1, 2)
-    kv = F.linear(x, *_rows(attn.qkv, C, 3 * C))  # B, N, 2C
+    q = F.linear(x, *_rows(attn.qkv_lepe, 0, C)).reshape(B, N, heads, -1).transpose(1, 2)
+    kv = F.linear(x, *_rows(attn.qkv_lepe, C, 3 * C))  # B, N, 2C
     k, v = kv.reshape(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
     return attn.proj(out + _lepe(attn, x, grid))
@@ -143,9 +147,12 @@ def test_fast_paths_equal_reference(model, monkeypatch, size) -> None:
 
 @pytest.mark.parametrize("size", SIZES)
 def test_fast_paths_give_reference_gradients(monkeypatch, size) -> None:
+    # In float64: the fast paths round differently from the references, and in float32 that can
+    # swap two nearly tied tokens in a significance sort, which changes the merge gradients far
+    # beyond rounding (tests/test_contract.py holds float32 to the published float32 error).
     torch.manual_seed(0)
-    model = timm.create_model("sgformer_nano", num_classes=10).train()
-    x = torch.randn(2, 3, *size, requires_grad=True)
+    model = timm.create_model("sgformer_nano", num_classes=10).train().double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1, 7])
 
     def gradients() -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from .layers import (
     GELU,
     DepthwiseConvMlp,
     Downsample,
+    StackedLinear,
     Stem,
     add_into,
     conv_on_grid,
@@ -256,12 +257,12 @@ class SelfGuidedAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.buckets = buckets_for(sr_ratio)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        # The queries and the LePE linear's output (docs/design.md "Attention"), both of x.
+        self.q_lepe = StackedLinear(dim, 2 * dim, 2, 2 if qkv_bias else 1, **dd)
         # Keys, then values, of all heads from the merged tokens in one product (the published
         # layer's kv1 and kv2, one per half of the heads, interleaved: docs/published_code.md).
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.merge = nn.ModuleList(nn.Linear(b.group_size, 1, **dd) for b in self.buckets)
-        self.lepe_linear = nn.Linear(dim, dim, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
@@ -273,14 +274,15 @@ class SelfGuidedAttention(nn.Module):
         """(B, N, C) tokens and (B, N) significance -> (B, N, C)."""
         B, N, C = x.shape
         heads, d = self.num_heads, self.head_dim
-        q = self.q(x).unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
+        q, lepe = self.q_lepe(x).unbind(0)  # B, N, C each
+        q = q.unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
         merges = [(m.weight, m.bias) for m in self.merge]
         merged = reallocate_tokens(x, significance, self.buckets, merges)  # B, M', C
         kv = self.kv(merged).unflatten(-1, (2, heads, d))  # B, M', 2, heads, d
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, M', d each
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
         mixed = add_into(mixed.view(B, N, heads, d), out.transpose(1, 2))  # B, N, heads, d
         return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
@@ -301,8 +303,8 @@ class GlobalAttention(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)  # the published q, then kv
-        self.lepe_linear = nn.Linear(dim, dim, **dd)
+        # The published q, then kv, then the LePE linear (docs/design.md "Attention").
+        self.qkv_lepe = StackedLinear(dim, 4 * dim, 4, 4 if qkv_bias else 1, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
@@ -312,11 +314,11 @@ class GlobalAttention(nn.Module):
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         heads = self.num_heads
-        qkv = self.qkv(x).unflatten(-1, (3, heads, -1))  # B, N, 3, heads, d
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, d each
+        *qkv, lepe = self.qkv_lepe(x).unbind(0)  # B, N, C each
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv)  # B, heads, N, d
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
         mixed = add_into(mixed.view(B, N, heads, -1), out.transpose(1, 2))  # B, N, heads, d
         return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
@@ -855,14 +857,18 @@ _PUBLISHED_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
     (r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
     (r"^norm(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.norm."),
 )
-# Projections we hold as one linear where the published layout (and this project's layout
-# before 0.2) has several: {fused name: ((part names, in order), chunks)}. With chunks > 1 each
-# part is cut into that many row blocks and the blocks are interleaved: the guided block's kv
-# holds the keys of all heads, then their values, while kv_first/kv_last each hold keys, then
-# values, of half the heads. A hybrid block of a one-scale ablation lacks some parts.
+# Projections we hold as one linear where the published layout (and this project's earlier
+# layouts) has several: {fused name: ((part names, in order), chunks), ...}; the layout whose
+# parts the checkpoint holds most of is used. With chunks > 1 each part is cut into that many
+# row blocks and the blocks are interleaved: the guided block's kv holds the keys of all heads,
+# then their values, while kv_first/kv_last each hold keys, then values, of half the heads. A
+# hybrid block of a one-scale ablation lacks some parts; a layer without qkv bias has only the
+# LePE linear's bias.
 _FUSED_PROJECTIONS: dict[str, tuple[tuple[tuple[str, ...], int], ...]] = {
-    "qkv": ((("q_global", "q_local", "kv_local"), 1), (("q", "kv"), 1)),
+    "qkv": ((("q_global", "q_local", "kv_local"), 1),),
     "kv": ((("kv_first", "kv_last"), 2),),
+    "q_lepe": ((("q", "lepe_linear"), 1),),
+    "qkv_lepe": ((("q", "kv", "lepe_linear"), 1), (("qkv", "lepe_linear"), 1)),
 }
 _CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _MAX_LISTED = 8
@@ -894,15 +900,16 @@ def _fuse_projections(
         owner, _, fused = prefix.rpartition(".")
         if key in state_dict or fused not in _FUSED_PROJECTIONS or tail not in ("weight", "bias"):
             continue
-        for parts, chunks in _FUSED_PROJECTIONS[fused]:
-            names = [
-                f"{owner}.{part}.{tail}" for part in parts if f"{owner}.{part}.{tail}" in state_dict
-            ]
-            if not names:
-                continue
-            pieces = [state_dict.pop(name).chunk(chunks) for name in names]
-            state_dict[key] = torch.cat([p[i] for i in range(chunks) for p in pieces])
-            break
+        layouts = [
+            ([f"{owner}.{part}.{tail}" for part in parts], chunks)
+            for parts, chunks in _FUSED_PROJECTIONS[fused]
+        ]
+        names, chunks = max(layouts, key=lambda layout: sum(n in state_dict for n in layout[0]))
+        names = [name for name in names if name in state_dict]
+        if not names:
+            continue
+        pieces = [state_dict.pop(name).chunk(chunks) for name in names]
+        state_dict[key] = torch.cat([p[i] for i in range(chunks) for p in pieces])
     return state_dict
 
 

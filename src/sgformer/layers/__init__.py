@@ -3,6 +3,7 @@
 from .downsample import Downsample, Stem
 from .fused import (
     GELU,
+    StackedLinear,
     add_into,
     dropout_or_identity,
     sizes_are_symbolic,
@@ -25,6 +26,7 @@ __all__ = [
     "PAD_FILL_VALUE",
     "DepthwiseConvMlp",
     "Downsample",
+    "StackedLinear",
     "Stem",
     "add_into",
     "conv_on_grid",
