@@ -23,7 +23,7 @@ from sgformer.layers import (
     window_reverse,
 )
 from sgformer.model import GlobalAttention, HybridScaleAttention, SelfGuidedAttention
-from sgformer.reallocation import key_importance, reallocate_tokens
+from sgformer.reallocation import combine_significance, key_importance, reallocate_tokens
 
 SIZES = [(224, 224), (97, 131)]  # a grid every window and reduction divides; one padded
 
@@ -36,20 +36,19 @@ def _rows(layer, start, stop):
 def _lepe(attn, x, grid):
     B, N, C = x.shape
     # The LePE linear: the last C output rows of a fused input projection.
-    names = ("q_lepe", "qkv_lepe", "lepe_linear")
-    layer = next(getattr(attn, name) for name in names if hasattr(attn, name))
+    layer = attn.q_lepe if hasattr(attn, "q_lepe") else attn.qkv_lepe
     lepe = F.linear(x, *_rows(layer, layer.out_features - C, layer.out_features))  # B, N, C
     spatial = lepe.transpose(1, 2).reshape(B, C, *grid)  # B, C, H, W
     return attn.lepe_conv(spatial).flatten(2).transpose(1, 2)  # B, N, C
 
 
-def _hybrid_reference(attn, x, grid):
+def _hybrid_reference(attn, x, grid, return_parts=False):
     B, N, C = x.shape
     H, W = grid
     d, hg, hl = attn.head_dim, attn.global_heads, attn.local_heads
     # Global heads over the sr-reduced, zero-padded grid.
     sr = attn.sr_ratio
-    q = F.linear(x, *_rows(attn.qkv, 0, hg * d)).reshape(B, N, hg, d).transpose(1, 2)
+    q = F.linear(x, *_rows(attn.qkv_lepe, 0, hg * d)).reshape(B, N, hg, d).transpose(1, 2)
     pad_h, pad_w = grid_padding(H, W, sr)
     spatial = F.pad(x.transpose(1, 2).reshape(B, C, H, W), (0, pad_w, 0, pad_h))
     reduced = attn.reduce(spatial)  # B, C, Hr, Wr
@@ -64,7 +63,7 @@ def _hybrid_reference(attn, x, grid):
     w = attn.window_size
     padding = grid_padding(H, W, w)
     Hp, Wp = H + padding[0], W + padding[1]
-    qkv = F.linear(x, *_rows(attn.qkv, hg * d, (hg + 3 * hl) * d)).reshape(B, H, W, -1)
+    qkv = F.linear(x, *_rows(attn.qkv_lepe, hg * d, (hg + 3 * hl) * d)).reshape(B, H, W, -1)
     windows = window_partition(pad_grid(qkv, padding), w)  # B*nW, w*w, 3*hl*d
     q, k, v = windows.reshape(-1, w * w, 3, hl, d).permute(2, 0, 3, 1, 4).unbind(0)
     scores = (q * attn.scale) @ k.transpose(-2, -1)  # B*nW, hl, w*w, w*w
@@ -78,7 +77,8 @@ def _hybrid_reference(attn, x, grid):
     local_out = (probs @ v).transpose(1, 2).reshape(-1, w * w, hl * d)
     local_out = window_reverse(local_out, w, Hp, Wp)[:, :H, :W].reshape(B, N, hl * d)
     out = attn.proj(torch.cat([global_out, local_out], dim=-1) + _lepe(attn, x, grid))
-    return out, (global_part.reshape(B, N), local_part.reshape(B, N))
+    parts = (global_part.reshape(B, N), local_part.reshape(B, N))
+    return out, combine_significance(*parts, attn.significance), parts if return_parts else None
 
 
 def _guided_reference(attn, x, grid, significance):
@@ -179,12 +179,12 @@ def test_chunked_global_attention_equals_whole(model, monkeypatch) -> None:
     grid = (25, 33)  # a 97 x 131 image: padded for the reduction and the windows
     x = torch.randn(2, grid[0] * grid[1], attn.proj.in_features)
     with torch.no_grad():
-        whole, whole_parts = attn(x, grid)
+        whole, whole_map, whole_parts = attn(x, grid, return_parts=True)
         # A budget of a few rows of scores forces many query chunks.
         monkeypatch.setattr(sgformer.model, "GLOBAL_ATTENTION_CHUNK", 1000)
-        chunked, chunked_parts = attn(x, grid)
+        chunked, chunked_map, chunked_parts = attn(x, grid, return_parts=True)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
-    for a, b in zip(chunked_parts, whole_parts, strict=True):
+    for a, b in zip([chunked_map, *chunked_parts], [whole_map, *whole_parts], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 

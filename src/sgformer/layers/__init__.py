@@ -6,6 +6,7 @@ from .fused import (
     StackedLinear,
     add_into,
     dropout_or_identity,
+    scaled_bmm,
     sizes_are_symbolic,
 )
 from .lepe import conv_on_grid, grid_map
@@ -37,6 +38,7 @@ __all__ = [
     "pad_grid",
     "padding_needed",
     "resample_position_table",
+    "scaled_bmm",
     "sincos_2d_table",
     "sizes_are_symbolic",
     "valid_mask",

@@ -37,6 +37,19 @@ def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return buffer.add_(value)
 
 
+def scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``a @ (b * scale)`` for (n, i, k) and (n, k, j) batches, e.g. attention scores with the
+    softmax scale on the keys.
+
+    In inference it is one call, the scale being the product's ``alpha``; under autograd the
+    scale stays a separate product, whose backward is one multiply where ``alpha``'s is two.
+    """
+    if torch.is_grad_enabled():
+        return torch.bmm(a, b * scale)
+    # With beta = 0 the added tensor is ignored; a one-element view of `a` serves as it.
+    return torch.baddbmm(a[:1, :1, :1], a, b, beta=0, alpha=scale)
+
+
 class GELU(nn.GELU):
     """``nn.GELU`` (erf form) that overwrites its input when autograd is not recording.
 
