@@ -65,6 +65,10 @@ WINDOW_SIZE = 7  # docs/design.md "Hybrid-scale attention": local half attends w
 BLOCK_NORM_EPS = 1e-6  # docs/design.md "Variants": block and stage LayerNorms
 REDUCE_NORM_EPS = 1e-5  # docs/design.md "Hybrid-scale attention": LayerNorm after the k=sr conv
 MIN_INPUT_SIZE = 32  # one token at stride 32
+# Stages of at least this many blocks add the MLP centre taps to all their blocks' convolution
+# weights in one sum (a stack and an add, and a stack of gradients under autograd) rather than
+# one add per block.
+STACKED_TAPS_MIN_DEPTH = 4
 ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the first block
 # Largest (heads, queries, keys) score block per image that the global half of a hybrid-scale
 # block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Traced
@@ -451,9 +455,11 @@ class SGFormerBlock(nn.Module):
         grid: tuple[int, int],
         significance: torch.Tensor | None = None,
         return_parts: bool = False,
+        mlp_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, SignificanceParts | None] | None]:
         """(B, N, C) -> (B, N, C), plus the (B, N) significance map a hybrid block measured
-        and, with ``return_parts``, its global and local parts."""
+        and, with ``return_parts``, its global and local parts. ``mlp_weight``: the MLP's
+        ``tapped_weight()`` when the stage has computed it."""
         measured = None
         if self.kind == "hybrid":
             out, significance, parts = self.attn(self.norm1(x), grid, return_parts)
@@ -464,7 +470,7 @@ class SGFormerBlock(nn.Module):
             out = self.attn(self.norm1(x), grid)
         # In inference residual sums land in the branch outputs, which nothing else holds.
         x = add_into(self.drop_path1(out), x)
-        x = add_into(self.drop_path2(self.mlp(self.norm2(x), grid)), x)
+        x = add_into(self.drop_path2(self.mlp(self.norm2(x), grid, mlp_weight)), x)
         return x, measured
 
 
@@ -530,8 +536,12 @@ class SGFormerStage(nn.Module):
             grid = (x.shape[2], x.shape[3])
             x = x.flatten(2).transpose(1, 2)  # B, N, C
         significance, measured = None, []
-        for block in self.blocks:
-            args = (x, grid, significance, collect)
+        mlp_weights = [None] * len(self.blocks)
+        if len(self.blocks) >= STACKED_TAPS_MIN_DEPTH:
+            weights = torch.stack([block.mlp.dwconv.weight for block in self.blocks])
+            mlp_weights = (weights + self.blocks[0].mlp.centre_tap).unbind(0)  # Ch, 1, 3, 3 each
+        for block, mlp_weight in zip(self.blocks, mlp_weights, strict=True):
+            args = (x, grid, significance, collect, mlp_weight)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x, found = checkpoint(block, *args, use_reentrant=False)
             else:
