@@ -108,7 +108,7 @@ def _global_reference(attn, x, grid):
     return attn.proj(out + _lepe(attn, x, grid))
 
 
-def _mlp_reference(mlp, x, grid):
+def _mlp_reference(mlp, x, grid, tapped_weight=None):  # the stage's sum of the same weights
     B, N, _ = x.shape
     h = mlp.fc1(x)  # B, N, Ch
     h = h + mlp.dwconv(h.transpose(1, 2).reshape(B, -1, *grid)).flatten(2).transpose(1, 2)
