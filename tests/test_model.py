@@ -90,6 +90,38 @@ def test_grad_checkpointing_same_output_and_gradients() -> None:
         torch.testing.assert_close(param.grad, grads[name], msg=name)
 
 
+def _split_lepe(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layout before the LePE linear joined the fused input projections (0.3)."""
+    old = {}
+    for key, value in state_dict.items():
+        owner, fused, tail = key.rsplit(".", 2) if key.count(".") > 1 else ("", "", key)
+        if fused not in ("q_lepe", "qkv_lepe"):
+            old[key] = value
+            continue
+        width = state_dict[f"{owner}.{fused}.weight"].shape[1]  # the LePE linear is C -> C
+        if value.shape[0] > width:  # without qkv bias, the fused bias is the LePE linear's
+            old[f"{owner}.{fused.removesuffix('_lepe')}.{tail}"] = value[:-width]
+        old[f"{owner}.lepe_linear.{tail}"] = value[-width:]
+    return old
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_checkpoints_with_a_separate_lepe_linear_still_load(qkv_bias: bool) -> None:
+    torch.manual_seed(0)
+    model = nano(qkv_bias=qkv_bias).eval()
+    for name, param in model.named_parameters():  # no zero biases: every row must land right
+        torch.nn.init.normal_(param, std=0.02) if "bias" in name else None
+    old = _split_lepe(model.state_dict())
+    assert "stages.0.blocks.1.attn.lepe_linear.bias" in old
+    assert ("stages.0.blocks.1.attn.q.bias" in old) == qkv_bias
+    assert ("stages.3.blocks.0.attn.qkv.bias" in old) == qkv_bias
+    fresh = nano(qkv_bias=qkv_bias).eval()
+    fresh.load_state_dict(sgformer.model.checkpoint_filter_fn(old, fresh), strict=True)
+    x = torch.randn(*SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
 def test_intermediates_equal_features_only() -> None:
     x = torch.randn(*SMALL)
     torch.manual_seed(1)

@@ -148,10 +148,10 @@ def test_gradcheck_hybrid_scale_attention_with_padding() -> None:
     x = torch.randn(1, 9 * 10, 8, dtype=torch.float64, requires_grad=True)  # pads to 12 and 14
 
     def call(values, x):
-        out, (global_part, local_part) = functional_call(attn, values, (x, (9, 10)))
+        out, significance, parts = functional_call(attn, values, (x, (9, 10)))
         return out
 
-    _gradcheck(attn, call, (x,), ["reduce.weight", "qkv.weight", "kv_global.weight"])
+    _gradcheck(attn, call, (x,), ["reduce.weight", "qkv_lepe.weight", "kv_global.weight"])
 
 
 def test_gradcheck_self_guided_attention_through_sort_and_partial_merge() -> None:
@@ -198,7 +198,8 @@ def test_single_scale_attention_ablation() -> None:
     local = nano(attention="local", significance="local")
     block = local.stages[0].blocks[0].attn
     assert block.global_heads == 0 and not hasattr(block, "reduce")
-    assert block.qkv.out_features == 3 * 32  # queries, keys and values of both heads
+    # queries, keys and values of both heads, then the LePE linear
+    assert block.qkv_lepe.out_features == 4 * 32
     maps = local.forward_significance(x, return_parts=True)
     assert all(m["global"] is None and m["local"] is not None for m in maps)
     global_only = nano(attention="global", significance="global")

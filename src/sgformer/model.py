@@ -29,6 +29,7 @@ from .layers import (
     GELU,
     DepthwiseConvMlp,
     Downsample,
+    StackedLinear,
     Stem,
     add_into,
     conv_on_grid,
@@ -39,11 +40,11 @@ from .layers import (
     pad_grid,
     padding_needed,
     resample_position_table,
+    scaled_bmm,
     sincos_2d_table,
     sizes_are_symbolic,
     valid_mask,
     window_partition,
-    window_reverse,
 )
 from .reallocation import (
     SIGNIFICANCE_SOURCES,
@@ -64,18 +65,25 @@ WINDOW_SIZE = 7  # docs/design.md "Hybrid-scale attention": local half attends w
 BLOCK_NORM_EPS = 1e-6  # docs/design.md "Variants": block and stage LayerNorms
 REDUCE_NORM_EPS = 1e-5  # docs/design.md "Hybrid-scale attention": LayerNorm after the k=sr conv
 MIN_INPUT_SIZE = 32  # one token at stride 32
+# Stages of at least this many blocks add the MLP centre taps to all their blocks' convolution
+# weights in one sum (a stack and an add, and a stack of gradients under autograd) rather than
+# one add per block.
+STACKED_TAPS_MIN_DEPTH = 4
 ATTENTION_MODES = ("hybrid", "local", "global")  # paper Table 7: scales in the first block
 # Largest (heads, queries, keys) score block per image that the global half of a hybrid-scale
 # block holds at once (64 MiB in float32); bigger grids run their queries in chunks. Traced
 # graphs (compiled, exported) take the unchunked path: the size test would fix their size.
 GLOBAL_ATTENTION_CHUNK = 2**24
 
+SignificanceParts = tuple[torch.Tensor | None, torch.Tensor | None]
+
 
 class HybridScaleAttention(nn.Module):
     """First block of a pair: half the heads attend globally to a ``sr``-reduced grid, half
     locally within 7x7 windows; both report how much attention each token receives.
 
-    ``mode='local'`` or ``'global'`` gives all heads to one scale (paper Table 7 ablation).
+    ``mode='local'`` or ``'global'`` gives all heads to one scale (paper Table 7 ablation);
+    ``significance`` picks the map the block hands on (``SGFormer``'s argument).
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class HybridScaleAttention(nn.Module):
         sr_ratio: int,
         mode: str = "hybrid",
         window_size: int = WINDOW_SIZE,
+        significance: str = "hybrid",
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
@@ -97,41 +106,48 @@ class HybridScaleAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.sr_ratio = sr_ratio
         self.window_size = window_size
+        self.significance = significance
         self.global_heads = {"hybrid": num_heads // 2, "global": num_heads, "local": 0}[mode]
         self.local_heads = num_heads - self.global_heads
         self.global_dim = self.global_heads * self.head_dim
         self.local_dim = self.local_heads * self.head_dim
-        # Everything the block input gives in one product: the global heads' queries, then the
-        # local heads' queries, keys and values (the published q1, q2 and kv2, fused:
-        # docs/published_code.md).
-        self.qkv = nn.Linear(dim, self.global_dim + 3 * self.local_dim, bias=qkv_bias, **dd)
+        # Everything the block input gives, in one product: the global heads' queries, the
+        # local heads' queries, keys and values (the published q1, q2 and kv2:
+        # docs/published_code.md), then the LePE linear. Every scale has the same number of
+        # heads, so each part of `dim` outputs holds whole head groups of that many heads.
+        self.group_heads = self.local_heads or self.global_heads
+        width = self.global_dim + 3 * self.local_dim + dim
+        self.qkv_lepe = StackedLinear(dim, width, width // dim, None if qkv_bias else 1, **dd)
         if self.global_heads:
             self.reduce = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, **dd)
             self.reduce_norm = nn.LayerNorm(dim, eps=REDUCE_NORM_EPS, **dd)
             self.reduce_act = GELU()
             self.kv_global = nn.Linear(dim, 2 * self.global_dim, bias=qkv_bias, **dd)
-        self.lepe_linear = nn.Linear(dim, dim, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = dropout_or_identity(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = dropout_or_identity(proj_drop)
 
     def _global(
-        self, x: torch.Tensor, q: torch.Tensor, grid: tuple[int, int]
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        grid: tuple[int, int],
+        real: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Global heads over the ``sr``-reduced grid.
 
         Args:
             x: (B, N, C) block input.
-            q: (B, N, hg*d) queries.
+            q: (B*hg, N', d) queries of the window-padded grid, in window order.
+            real: (N',) bool, True at real queries, or None when nothing is padded.
 
         Returns:
-            (B, hg, N, d) output and (B, N) attention received per token.
+            (B*hg, N', d) output and the (B, Hr, Wr) attention received per reduced cell.
         """
         B, N, C = x.shape
         H, W = grid
         sr, heads, d = self.sr_ratio, self.global_heads, self.head_dim
-        q = q.unflatten(-1, (heads, d)).transpose(1, 2)  # B, hg, N, d
         padding = grid_padding(H, W, sr)
         spatial = grid_map(x, grid)  # B, C, H, W
         if padding_needed(padding):
@@ -142,98 +158,170 @@ class HybridScaleAttention(nn.Module):
         Hr, Wr = reduced.shape[-2:]
         reduced = self.reduce_act(self.reduce_norm(reduced.flatten(2).transpose(1, 2)))  # B, M, C
         kv = self.kv_global(reduced).unflatten(-1, (2, heads, d))  # B, M, 2, hg, d
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # B, hg, M, d each
-        M = k.shape[2]
-        # The softmax scale goes on the M keys rather than the N queries: fewer multiplies.
-        keys = k.transpose(-2, -1) * self.scale  # B, hg, d, M
-        # The (B, hg, N, M) probabilities are needed for the significance map, so no fused
+        M = kv.shape[1]
+        # One copy puts the heads on the batch axis: plain batched products below.
+        k, v = kv.permute(2, 0, 3, 1, 4).reshape(2, B * heads, M, d).unbind(0)  # B*hg, M, d
+        keys = k.transpose(1, 2)  # B*hg, d, M
+        Nq = q.shape[1]
+        # The (B, hg, N', M) probabilities are needed for the significance map, so no fused
         # kernel; past a size, queries go in chunks and only per-key sums are kept.
-        if sizes_are_symbolic() or heads * N * M <= GLOBAL_ATTENTION_CHUNK:
-            attn = (q @ keys).softmax(dim=-1)  # B, hg, N, M
-            received = key_importance(attn)  # B, M
-            out = self.attn_drop(attn) @ v  # B, hg, N, d
+        if sizes_are_symbolic() or heads * Nq * M <= GLOBAL_ATTENTION_CHUNK:
+            attn = scaled_bmm(q, keys, self.scale).softmax(dim=-1)  # B*hg, N', M
+            received = key_importance(attn.view(B, heads, Nq, M), real)  # B, M
+            out = torch.bmm(self.attn_drop(attn), v)  # B*hg, N', d
         else:
             received = q.new_zeros(B, M, dtype=significance_dtype(q.device))
             outs = []
             chunk = max(1, GLOBAL_ATTENTION_CHUNK // (heads * M))  # queries per chunk
-            for start in range(0, N, chunk):
-                attn = (q[:, :, start : start + chunk] @ keys).softmax(dim=-1)  # B, hg, n, M
-                received += attn.detach().sum(dim=(1, 2), dtype=received.dtype)  # B, M
-                outs.append(self.attn_drop(attn) @ v)  # B, hg, n, d
-            out = torch.cat(outs, dim=2)  # B, hg, N, d
+            for start in range(0, Nq, chunk):
+                scores = scaled_bmm(q[:, start : start + chunk], keys, self.scale)  # B*hg, n, M
+                attn = scores.softmax(dim=-1)
+                probs = attn.detach().view(B, heads, -1, M)  # B, hg, n, M
+                if real is not None:  # padded queries received nothing
+                    probs = probs * real[start : start + chunk, None]
+                received += probs.sum(dim=(1, 2), dtype=received.dtype)  # B, M
+                outs.append(torch.bmm(self.attn_drop(attn), v))  # B*hg, n, d
+            out = torch.cat(outs, dim=1)  # B*hg, N', d
             received = received / (heads * N)
-        # Nearest-neighbour upsampling by sr in one copy, then drop the padded rows and columns.
-        received = received.view(B, Hr, 1, Wr, 1).expand(B, Hr, sr, Wr, sr)  # B,Hr,sr,Wr,sr
-        received = received.reshape(B, Hr * sr, Wr * sr)  # B, Hp, Wp
-        return out, crop_grid(received, H, W).reshape(B, N)  # B, N
+        return out, received.view(B, Hr, Wr)
 
-    def _local(self, qkv: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: tuple[int, int],
+        real: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Local heads within windows.
 
         Args:
-            qkv: (B, N, 3*hl*d) queries, keys and values.
+            q, k, v: (B*hl, N', d) queries, keys and values of the window-padded grid, in
+                window order; ``windows`` = (nh, nw) windows down and across.
+            real: (nh*nw, w*w) bool, True at real positions, or None when nothing is padded.
 
         Returns:
-            The output on the padded grid as a view, (B, Hp/w, w, Wp/w, w, hl, d) (crop
-            ``[:H, :W]`` after merging the window axes), and (B, N) attention received per token.
+            (B*hl, N', d) output in window order and the (B, Hp, Wp) attention received per
+            token of the padded grid, in raster order.
         """
-        B, N, _ = qkv.shape
-        H, W = grid
         w, heads, d = self.window_size, self.local_heads, self.head_dim
+        nh, nw = windows
+        B = q.shape[0] // heads
+        q, k, v = (t.view(-1, w * w, d) for t in (q, k, v))  # B*hl*nW, w*w, d each
+        attn = scaled_bmm(q, k.transpose(1, 2), self.scale)  # B*hl*nW, w*w, w*w
+        attn = attn.view(B, heads, nh * nw, w * w, w * w)
+        query_mask = None
+        if real is not None:
+            # Padded keys get no attention; padded queries are computed, then cropped away.
+            attn = attn.masked_fill(~real[:, None, :], float("-inf"))
+            query_mask = real.view(nh, 1, nw, 1, w * w)  # as the by-key view's queries
+        attn = attn.softmax(dim=-1)  # B, hl, nW, w*w, w*w
+        # Keys by grid position, heads and queries last: the mean over those lays the result
+        # out in raster order with no copy of its own.
+        by_key = attn.view(B, heads, nh, nw, w * w, w, w).permute(0, 2, 5, 3, 6, 1, 4)
+        received = key_importance(by_key.unsqueeze(-1), query_mask)  # B, nh, w, nw, w, 1
+        out = torch.bmm(self.attn_drop(attn).view(-1, w * w, w * w), v)  # B*hl*nW, w*w, d
+        return out.view(B * heads, -1, d), received.reshape(B, nh * w, nw * w)
+
+    def _significance(
+        self,
+        global_part: torch.Tensor | None,
+        local_part: torch.Tensor | None,
+        grid: tuple[int, int],
+        return_parts: bool,
+    ) -> tuple[torch.Tensor, SignificanceParts | None]:
+        """The (B, N) map this block hands on, from the (B, Hr, Wr) global and the (B, Hp, Wp)
+        local part; and both parts as (B, N) maps when asked for."""
+        H, W = grid
+        sr = self.sr_ratio
+        B = (global_part if global_part is not None else local_part).shape[0]
+        if (
+            self.significance == "hybrid"
+            and not return_parts
+            and global_part is not None
+            and local_part is not None
+        ):
+            Hr, Wr = global_part.shape[1:]
+            Hl, Wl = local_part.shape[1:]
+            if not padding_needed((Hr * sr - H, Wr * sr - W)) and not padding_needed(
+                (Hl - H, Wl - W)
+            ):
+                # Nearest-neighbour upsampling as a broadcast within the sum: no copy.
+                local_cells = local_part.view(B, Hr, sr, Wr, sr)  # B, Hr, sr, Wr, sr
+                combined = global_part.view(B, Hr, 1, Wr, 1) + local_cells
+                return combined.view(B, H * W), None
+        if global_part is not None:
+            Hr, Wr = global_part.shape[1:]
+            upsampled = global_part.view(B, Hr, 1, Wr, 1).expand(B, Hr, sr, Wr, sr)
+            global_part = upsampled.reshape(B, Hr * sr, Wr * sr)  # B, Hp, Wp
+            global_part = crop_grid(global_part, H, W).reshape(B, H * W)  # B, N
+        if local_part is not None:
+            local_part = crop_grid(local_part, H, W).reshape(B, H * W)  # B, N
+        combined = combine_significance(global_part, local_part, self.significance)
+        return combined, (global_part, local_part) if return_parts else None
+
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int], return_parts: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, SignificanceParts | None]:
+        """(B, N, C) -> ((B, N, C), (B, N) significance map, and with ``return_parts`` its
+        (global part (B, N) or None, local part (B, N) or None))."""
+        B, N, C = x.shape
+        H, W = grid
+        w, heads, d = self.window_size, self.group_heads, self.head_dim
+        qkv, lepe = self.qkv_lepe(x).split([self.qkv_lepe.parts - 1, 1])  # P-1, B, N, C; 1, ...
+        mixed = conv_on_grid(lepe.squeeze(0), grid, self.lepe_conv)  # B, N, C
         padding = grid_padding(H, W, w)
         Hp, Wp = H + padding[0], W + padding[1]
         nh, nw = Hp // w, Wp // w
-        qkv = pad_grid(qkv.reshape(B, H, W, -1), padding)  # B, Hp, Wp, 3*hl*d
-        # One copy puts windows and heads on the batch axis, so every product below is a plain
-        # batched matrix product on contiguous operands.
-        windows = qkv.view(B, nh, w, nw, w, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        q, k, v = windows.reshape(3, -1, w * w, d).unbind(0)  # B*nW*hl, w*w, d each
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW*hl, w*w, w*w
-        attn = attn.view(B, nh * nw, heads, w * w, w * w)  # B, nW, hl, w*w, w*w
-        query_mask = None
-        if padding_needed(padding):
-            real = window_partition(valid_mask(H, W, padding, qkv.device)[None, :, :, None], w)
-            real = real.reshape(1, -1, w * w)  # 1, nW, w*w
-            # Padded keys get no attention; padded queries are computed, then cropped away.
-            attn = attn.masked_fill(~real[:, :, None, None, :], float("-inf"))
-            query_mask = real
-        attn = attn.softmax(dim=-1)
-        received = key_importance(attn, query_mask)  # B, nW, w*w
-        received = window_reverse(received.reshape(-1, w * w, 1), w, Hp, Wp)  # B, Hp, Wp, 1
-        received = crop_grid(received, H, W).reshape(B, N)  # B, N
-        out = self.attn_drop(attn).view(-1, w * w, w * w) @ v  # B*nW*hl, w*w, d
-        # Windows back onto the grid as a view: the caller adds it without an extra copy.
-        out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)  # B,nh,w,nw,w,hl,d
-        return out, received
-
-    def forward(
-        self, x: torch.Tensor, grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """(B, N, C) -> ((B, N, C), (global part (B, N) or None, local part (B, N) or None))."""
-        B, N, C = x.shape
-        H, W = grid
-        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
-        q_global, qkv_local = self.qkv(x).split([self.global_dim, 3 * self.local_dim], -1)
+        padded = padding_needed(padding)
+        per_part = C // (heads * d)  # head groups per part: 2 in the hybrid form, else 1
+        groups = qkv.shape[0] * per_part
+        grid_qkv = pad_grid(qkv.reshape(-1, H, W, C), padding)  # (P-1)*B, Hp, Wp, C
+        # One copy lays every head group out window by window with its heads on the batch axis.
+        # The global heads take their queries in this order too: their outputs then join the
+        # local heads' in one layout, and the significance mean ignores the order of queries.
+        grouped = grid_qkv.view(-1, B, nh, w, nw, w, per_part, heads, d)
+        grouped = grouped.permute(0, 6, 1, 7, 2, 4, 3, 5, 8)  # P-1, per_part, B, h, nh, nw, w, w, d
+        grouped = grouped.reshape(groups, B * heads, Hp * Wp, d)  # groups, B*h, N', d
+        grouped = grouped.unbind(0)  # B*h, N', d each: queries (global first), keys, values
+        real = None
+        if padded:
+            real = window_partition(valid_mask(H, W, padding, x.device)[None, :, :, None], w)
+            real = real.view(nh * nw, w * w)  # nW, w*w
         outs, global_part, local_part = [], None, None
         if self.global_heads:
-            out, global_part = self._global(x, q_global, grid)  # B, hg, N, d
-            outs.append(out.transpose(1, 2))  # B, N, hg, d
-        if self.local_heads:
-            out, local_part = self._local(qkv_local, grid)  # B, nh, w, nw, w, hl, d
-            _, nh, w, nw, *_ = out.shape
-            if padding_needed((nh * w - H, nw * w - W)):  # merge the window axes, crop
-                out = crop_grid(out.reshape(B, nh * w, nw * w, -1), H, W)  # B, H, W, hl*d
+            out, global_part = self._global(
+                x, grouped[0], grid, None if real is None else real.view(-1)
+            )
             outs.append(out)
-        if torch.is_grad_enabled():
+        if self.local_heads:
+            out, local_part = self._local(*grouped[-3:], (nh, nw), real)
+            outs.append(out)
+        # Outputs in window order onto the token grid, global heads' channels first:
+        # proj's input `concat(global, local) + lepe`.
+        outs = [o.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6) for o in outs]
+        if torch.is_grad_enabled():  # outs: B, nh, w, nw, w, h, d each
             # Under autograd every in-place write into a slice would copy the whole gradient.
-            mixed = mixed + torch.cat([o.reshape(B, N, -1) for o in outs], dim=-1)  # B, N, C
+            out = torch.stack(outs, dim=5)  # B, nh, w, nw, w, parts, h, d
+            if padded:
+                out = crop_grid(out.reshape(B, Hp, Wp, C), H, W)  # B, H, W, C
+                mixed = mixed.view(B, H, W, C) + out  # B, H, W, C
+            else:
+                mixed = mixed.view(out.shape) + out  # B, nh, w, nw, w, parts, h, d
+            mixed = mixed.reshape(B, N, C)  # a view: the sum takes the LePE map's layout
         else:
             # The LePE map is the output buffer: each scale adds its heads' output into its
-            # channel slice (global heads first): proj's input `concat(global, local) + lepe`.
-            widths = [width for width in (self.global_dim, self.local_dim) if width]
-            for out, part in zip(outs, mixed.split(widths, dim=-1), strict=True):
-                part.view(out.shape).add_(out)
-        return self.proj_drop(self.proj(mixed)), (global_part, local_part)
+            # channel slice.
+            if padded:
+                target = mixed.view(B, H, W, len(outs), heads * d)  # B, H, W, parts, h*d
+                for i, o in enumerate(outs):
+                    target[..., i, :].add_(crop_grid(o.reshape(B, Hp, Wp, -1), H, W))
+            else:
+                target = mixed.view(B, nh, w, nw, w, len(outs), heads, d)
+                for i, o in enumerate(outs):
+                    target[..., i, :, :].add_(o)
+        significance, parts = self._significance(global_part, local_part, grid, return_parts)
+        return self.proj_drop(self.proj(mixed)), significance, parts
 
 
 class SelfGuidedAttention(nn.Module):
@@ -256,12 +344,12 @@ class SelfGuidedAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.buckets = buckets_for(sr_ratio)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        # The queries and the LePE linear's output (docs/design.md "Attention"), both of x.
+        self.q_lepe = StackedLinear(dim, 2 * dim, 2, 2 if qkv_bias else 1, **dd)
         # Keys, then values, of all heads from the merged tokens in one product (the published
         # layer's kv1 and kv2, one per half of the heads, interleaved: docs/published_code.md).
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.merge = nn.ModuleList(nn.Linear(b.group_size, 1, **dd) for b in self.buckets)
-        self.lepe_linear = nn.Linear(dim, dim, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
@@ -273,14 +361,15 @@ class SelfGuidedAttention(nn.Module):
         """(B, N, C) tokens and (B, N) significance -> (B, N, C)."""
         B, N, C = x.shape
         heads, d = self.num_heads, self.head_dim
-        q = self.q(x).unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
+        q, lepe = self.q_lepe(x).unbind(0)  # B, N, C each
+        q = q.unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
         merges = [(m.weight, m.bias) for m in self.merge]
         merged = reallocate_tokens(x, significance, self.buckets, merges)  # B, M', C
         kv = self.kv(merged).unflatten(-1, (2, heads, d))  # B, M', 2, heads, d
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, M', d each
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
         mixed = add_into(mixed.view(B, N, heads, d), out.transpose(1, 2))  # B, N, heads, d
         return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
 
@@ -301,8 +390,8 @@ class GlobalAttention(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)  # the published q, then kv
-        self.lepe_linear = nn.Linear(dim, dim, **dd)
+        # The published q, then kv, then the LePE linear (docs/design.md "Attention").
+        self.qkv_lepe = StackedLinear(dim, 4 * dim, 4, 4 if qkv_bias else 1, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
@@ -312,16 +401,13 @@ class GlobalAttention(nn.Module):
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         heads = self.num_heads
-        qkv = self.qkv(x).unflatten(-1, (3, heads, -1))  # B, N, 3, heads, d
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, d each
+        *qkv, lepe = self.qkv_lepe(x).unbind(0)  # B, N, C each
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv)  # B, heads, N, d
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
-        mixed = conv_on_grid(self.lepe_linear(x), grid, self.lepe_conv)  # B, N, C
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
         mixed = add_into(mixed.view(B, N, heads, -1), out.transpose(1, 2))  # B, N, heads, d
         return self.proj_drop(self.proj(mixed.reshape(B, N, C)))  # proj(attention + lepe)
-
-
-SignificanceParts = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 class SGFormerBlock(nn.Module):
@@ -335,6 +421,7 @@ class SGFormerBlock(nn.Module):
         sr_ratio: int = 1,
         attention_mode: str = "hybrid",
         window_size: int = WINDOW_SIZE,
+        significance: str = "hybrid",
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
@@ -351,7 +438,7 @@ class SGFormerBlock(nn.Module):
         drops = {"qkv_bias": qkv_bias, "attn_drop": attn_drop, "proj_drop": proj_drop}
         if kind == "hybrid":
             self.attn = HybridScaleAttention(
-                dim, num_heads, sr_ratio, attention_mode, window_size, **drops, **dd
+                dim, num_heads, sr_ratio, attention_mode, window_size, significance, **drops, **dd
             )
         elif kind == "guided":
             self.attn = SelfGuidedAttention(dim, num_heads, sr_ratio, **drops, **dd)
@@ -367,19 +454,24 @@ class SGFormerBlock(nn.Module):
         x: torch.Tensor,
         grid: tuple[int, int],
         significance: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, SignificanceParts | None]:
-        """(B, N, C) -> (B, N, C), plus the significance parts a hybrid block measured."""
-        parts = None
+        return_parts: bool = False,
+        mlp_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, SignificanceParts | None] | None]:
+        """(B, N, C) -> (B, N, C), plus the (B, N) significance map a hybrid block measured
+        and, with ``return_parts``, its global and local parts. ``mlp_weight``: the MLP's
+        ``tapped_weight()`` when the stage has computed it."""
+        measured = None
         if self.kind == "hybrid":
-            out, parts = self.attn(self.norm1(x), grid)
+            out, significance, parts = self.attn(self.norm1(x), grid, return_parts)
+            measured = (significance, parts)
         elif self.kind == "guided":
             out = self.attn(self.norm1(x), grid, significance)
         else:
             out = self.attn(self.norm1(x), grid)
         # In inference residual sums land in the branch outputs, which nothing else holds.
         x = add_into(self.drop_path1(out), x)
-        x = add_into(self.drop_path2(self.mlp(self.norm2(x), grid)), x)
-        return x, parts
+        x = add_into(self.drop_path2(self.mlp(self.norm2(x), grid, mlp_weight)), x)
+        return x, measured
 
 
 class SGFormerStage(nn.Module):
@@ -411,7 +503,6 @@ class SGFormerStage(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.grad_checkpointing = False
-        self.significance = significance
         self.buckets = buckets_for(sr_ratio) if sr_ratio > 1 else None
         self.downsample = Downsample(in_dim, dim, **dd) if downsample else None
         kinds = ["hybrid", "guided"] * (depth // 2) if sr_ratio > 1 else ["global"] * depth
@@ -423,6 +514,7 @@ class SGFormerStage(nn.Module):
                 sr_ratio=sr_ratio,
                 attention_mode=attention_mode,
                 window_size=window_size,
+                significance=significance,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 proj_drop=proj_drop,
@@ -444,13 +536,18 @@ class SGFormerStage(nn.Module):
             grid = (x.shape[2], x.shape[3])
             x = x.flatten(2).transpose(1, 2)  # B, N, C
         significance, measured = None, []
-        for block in self.blocks:
+        mlp_weights = [None] * len(self.blocks)
+        if len(self.blocks) >= STACKED_TAPS_MIN_DEPTH:
+            weights = torch.stack([block.mlp.dwconv.weight for block in self.blocks])
+            mlp_weights = (weights + self.blocks[0].mlp.centre_tap).unbind(0)  # Ch, 1, 3, 3 each
+        for block, mlp_weight in zip(self.blocks, mlp_weights, strict=True):
+            args = (x, grid, significance, collect, mlp_weight)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x, parts = checkpoint(block, x, grid, significance, use_reentrant=False)
+                x, found = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, parts = block(x, grid, significance)
-            if parts is not None:
-                significance = combine_significance(*parts, self.significance)
+                x, found = block(*args)
+            if found is not None:
+                significance, parts = found
                 if collect:
                     measured.append((parts, significance))
         return grid_map(self.norm(x), grid), measured  # B, C, H, W
@@ -855,14 +952,21 @@ _PUBLISHED_RENAMES: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
     (r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
     (r"^norm(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.norm."),
 )
-# Projections we hold as one linear where the published layout (and this project's layout
-# before 0.2) has several: {fused name: ((part names, in order), chunks)}. With chunks > 1 each
-# part is cut into that many row blocks and the blocks are interleaved: the guided block's kv
-# holds the keys of all heads, then their values, while kv_first/kv_last each hold keys, then
-# values, of half the heads. A hybrid block of a one-scale ablation lacks some parts.
+# Projections we hold as one linear where the published layout (and this project's earlier
+# layouts) has several: {fused name: ((part names, in order), chunks), ...}; the layout whose
+# parts the checkpoint holds most of is used. With chunks > 1 each part is cut into that many
+# row blocks and the blocks are interleaved: the guided block's kv holds the keys of all heads,
+# then their values, while kv_first/kv_last each hold keys, then values, of half the heads. A
+# hybrid block of a one-scale ablation lacks some parts; a layer without qkv bias has only the
+# LePE linear's bias.
 _FUSED_PROJECTIONS: dict[str, tuple[tuple[tuple[str, ...], int], ...]] = {
-    "qkv": ((("q_global", "q_local", "kv_local"), 1), (("q", "kv"), 1)),
     "kv": ((("kv_first", "kv_last"), 2),),
+    "q_lepe": ((("q", "lepe_linear"), 1),),
+    "qkv_lepe": (
+        (("q_global", "q_local", "kv_local", "lepe_linear"), 1),
+        (("q", "kv", "lepe_linear"), 1),
+        (("qkv", "lepe_linear"), 1),
+    ),
 }
 _CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _MAX_LISTED = 8
@@ -894,15 +998,16 @@ def _fuse_projections(
         owner, _, fused = prefix.rpartition(".")
         if key in state_dict or fused not in _FUSED_PROJECTIONS or tail not in ("weight", "bias"):
             continue
-        for parts, chunks in _FUSED_PROJECTIONS[fused]:
-            names = [
-                f"{owner}.{part}.{tail}" for part in parts if f"{owner}.{part}.{tail}" in state_dict
-            ]
-            if not names:
-                continue
-            pieces = [state_dict.pop(name).chunk(chunks) for name in names]
-            state_dict[key] = torch.cat([p[i] for i in range(chunks) for p in pieces])
-            break
+        layouts = [
+            ([f"{owner}.{part}.{tail}" for part in parts], chunks)
+            for parts, chunks in _FUSED_PROJECTIONS[fused]
+        ]
+        names, chunks = max(layouts, key=lambda layout: sum(n in state_dict for n in layout[0]))
+        names = [name for name in names if name in state_dict]
+        if not names:
+            continue
+        pieces = [state_dict.pop(name).chunk(chunks) for name in names]
+        state_dict[key] = torch.cat([p[i] for i in range(chunks) for p in pieces])
     return state_dict
 
 

@@ -161,18 +161,30 @@ def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 def _weighted_run_sums(runs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(B, q, g, C) runs, (g,) weights, (1,) bias -> (B, q, C) weighted sums over each run.
 
-    Under autograd runs take a broadcast product and sum: its backward is elementwise, where
-    the einsum's copies the runs into a matrix layout and runs a g-column matrix product for the
-    weights' gradient (forward and backward of a stage-3 bucket of sgformer_s, batch 8: 1.6 ->
-    0.6 ms). Inference takes the einsum, which needs no (B, q, g, C) product, and a run of one
-    token is one fused multiply-add.
+    Under autograd runs are one batched product with the bias, (1, g) weights by each (g, C)
+    run: forward and backward write two (B, q, g, C) tensors (the runs compacted, their
+    gradient) where a broadcast product and sum write three, in as many calls (the einsum's
+    backward copies more). A run of one token is a multiply and an add, whose backward has a
+    call fewer than a fused multiply-add's. Inference takes one linear of the runs' g tokens, bias
+    included, and the fused multiply-add.
     """
     if runs.shape[2] == 1:
         tokens = runs.squeeze(2)  # B, q, C
         return tokens * w + bias if torch.is_grad_enabled() else torch.addcmul(bias, tokens, w)
-    if torch.is_grad_enabled():
-        return (runs * w[:, None]).sum(2) + bias
-    return torch.einsum("bqgc,g->bqc", runs, w) + bias
+    device_type = runs.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would run these products in bfloat16 or float16; the merge sums in the dtype
+        # the tokens and weights promote to, as their broadcast product and sum does.
+        dtype = torch.promote_types(runs.dtype, w.dtype)
+        runs, w, bias = runs.to(dtype), w.to(dtype), bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled():
+            B, q, g, C = runs.shape
+            weights = w.view(1, 1, g).expand(B * q, 1, g)  # B*q, 1, g
+            sums = torch.baddbmm(bias.view(1, 1, 1), weights, runs.reshape(B * q, g, C))
+            return sums.view(B, q, C)  # B, q, C
+        by_run = runs.transpose(-1, -2)  # B, q, C, g
+        return F.linear(by_run, w[None], bias).squeeze(-1)  # B, q, C
 
 
 def _merge_runs_branch_free(
@@ -201,6 +213,30 @@ def _merge_runs_branch_free(
     return torch.einsum("bqgc,qg->bqc", padded, weights) + bias  # B, runs, C
 
 
+class _OrderTokens(torch.autograd.Function):
+    """Tokens (B, N, C) in the order (B, N) of a permutation of N, by one gather.
+
+    torch's gather scatters its gradient into a zero tensor; a permutation's gradient is the
+    gather by the inverse permutation: one (B, N, C) tensor instead of two, same calls.
+    """
+
+    @staticmethod
+    def forward(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        B, N, C = tokens.shape
+        return torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (order,) = ctx.saved_tensors
+        B, N, C = grad.shape
+        inverse = torch.argsort(order, dim=-1)  # B, N: each token's place in the order
+        return torch.gather(grad, 1, inverse.unsqueeze(-1).expand(B, N, C)), None
+
+
 def reallocate_tokens(
     tokens: torch.Tensor,
     significance: torch.Tensor,
@@ -221,7 +257,10 @@ def reallocate_tokens(
     """
     B, N, C = tokens.shape
     order = significance_order(significance)  # B, N
-    ordered = torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        ordered = _OrderTokens.apply(tokens, order)  # B, N, C
+    else:
+        ordered = torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
     # The buckets tile [0, N) in order, so one split cuts them: under autograd its backward is
     # one `cat` of the buckets' gradients, where a slice per bucket would scatter each into a
     # zero (B, N, C) tensor and then sum those.

@@ -3,8 +3,10 @@
 from .downsample import Downsample, Stem
 from .fused import (
     GELU,
+    StackedLinear,
     add_into,
     dropout_or_identity,
+    scaled_bmm,
     sizes_are_symbolic,
 )
 from .lepe import conv_on_grid, grid_map
@@ -25,6 +27,7 @@ __all__ = [
     "PAD_FILL_VALUE",
     "DepthwiseConvMlp",
     "Downsample",
+    "StackedLinear",
     "Stem",
     "add_into",
     "conv_on_grid",
@@ -35,6 +38,7 @@ __all__ = [
     "pad_grid",
     "padding_needed",
     "resample_position_table",
+    "scaled_bmm",
     "sincos_2d_table",
     "sizes_are_symbolic",
     "valid_mask",

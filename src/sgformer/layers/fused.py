@@ -1,7 +1,9 @@
 """Fast forms of common operations: dropout only where it drops, in-place sums and GELU, and
-when the traced forms (``sizes_are_symbolic``) apply."""
+when the traced forms (``sizes_are_symbolic``) apply; projections of one input as one batched
+product."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,6 +37,19 @@ def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return buffer.add_(value)
 
 
+def scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``a @ (b * scale)`` for (n, i, k) and (n, k, j) batches, e.g. attention scores with the
+    softmax scale on the keys.
+
+    In inference it is one call, the scale being the product's ``alpha``; under autograd the
+    scale stays a separate product, whose backward is one multiply where ``alpha``'s is two.
+    """
+    if torch.is_grad_enabled():
+        return torch.bmm(a, b * scale)
+    # With beta = 0 the added tensor is ignored; a one-element view of `a` serves as it.
+    return torch.baddbmm(a[:1, :1, :1], a, b, beta=0, alpha=scale)
+
+
 class GELU(nn.GELU):
     """``nn.GELU`` (erf form) that overwrites its input when autograd is not recording.
 
@@ -47,3 +62,57 @@ class GELU(nn.GELU):
         if torch.is_grad_enabled():
             return super().forward(x)
         return torch.ops.aten.gelu_(x)
+
+
+class StackedLinear(nn.Linear):
+    """Several projections of one input, held as one linear whose ``parts`` equal row blocks
+    are the projections, and computed as one batched product.
+
+    A plain fused linear gives each projection as a column slice of one (B, N, parts*C)
+    output: a convolution or a head reshape of a slice copies it first, and autograd sums the
+    input's gradients of separate linears. Here the input is broadcast over the parts (no
+    copy), each part is its own contiguous (B, N, C) tensor, and the input's gradient is one
+    sum over the parts.
+
+    ``biased_parts`` trailing parts have a bias (all by default), so a layer of projections
+    without bias can be fused with one that has one: ``bias`` then holds only theirs.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        parts: int,
+        biased_parts: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        biased_parts = parts if biased_parts is None else biased_parts
+        assert out_features % parts == 0, f"{out_features} outputs in {parts} equal parts"
+        assert 0 <= biased_parts <= parts, f"{biased_parts} biased parts of {parts}"
+        super().__init__(in_features, out_features, biased_parts > 0, device=device, dtype=dtype)
+        self.parts = parts
+        if 0 < biased_parts < parts:
+            width = out_features // parts * biased_parts
+            self.bias = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
+            self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C_in) -> (parts, ..., C_out / parts), each part contiguous."""
+        *lead, c_in = x.shape
+        P = self.parts
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast before broadcasting: autocast would cast the broadcast input into one copy
+            # per part.
+            x = x.to(torch.get_autocast_dtype(device_type))
+        rows = x.reshape(1, -1, c_in).expand(P, -1, -1)  # P, B*N, C_in (one input, no copy)
+        weight = self.weight.view(P, -1, c_in).transpose(1, 2)  # P, C_in, C
+        if self.bias is None:
+            out = torch.bmm(rows, weight)  # P, B*N, C
+        else:
+            bias = self.bias
+            if bias.shape[0] < self.out_features:  # zeros for the parts without bias
+                bias = F.pad(bias, (self.out_features - bias.shape[0], 0))
+            out = torch.baddbmm(bias.view(P, 1, -1), rows, weight)  # P, B*N, C
+        return out.view(P, *lead, -1)  # P, ..., C

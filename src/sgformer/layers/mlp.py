@@ -38,13 +38,23 @@ class DepthwiseConvMlp(nn.Module):
         with torch.no_grad():
             self.centre_tap.zero_()[..., 1, 1] = 1
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, N, C) tokens of an (H, W) grid -> (B, N, C)."""
+    def tapped_weight(self) -> torch.Tensor:
+        """The convolution weight with ``centre_tap`` added, (Ch, 1, 3, 3)."""
+        return self.dwconv.weight + self.centre_tap
+
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int], tapped_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, N, C) tokens of an (H, W) grid -> (B, N, C).
+
+        ``tapped_weight``: :meth:`tapped_weight`, when the caller has computed it (a stage
+        does for all its blocks in one sum).
+        """
         h = self.fc1(x)  # B, N, Ch
         # h + dwconv(h) is one depthwise convolution whose centre tap is one larger: no sum
         # forward and no gradient sum backward over the widest tensor of the block (stage-1 MLP
         # of sgformer_s at batch 8 on the CPU, forward and backward: 51 -> 44 ms; bfloat16
         # inference of sgformer_s at batch 16: 9 % faster).
-        weight = self.dwconv.weight + self.centre_tap  # Ch, 1, 3, 3
+        weight = self.tapped_weight() if tapped_weight is None else tapped_weight  # Ch, 1, 3, 3
         h = self.drop1(self.act(conv_on_grid(h, grid, self.dwconv, weight=weight)))  # B, N, Ch
         return self.drop2(self.fc2(h))
