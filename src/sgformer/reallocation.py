@@ -257,7 +257,8 @@ def reallocate_tokens(
     """
     B, N, C = tokens.shape
     order = significance_order(significance)  # B, N
-    if torch.is_grad_enabled() and tokens.requires_grad:
+    # TorchScript tracing cannot record a Python autograd Function: it takes the plain gather.
+    if torch.is_grad_enabled() and tokens.requires_grad and not torch.jit.is_tracing():
         ordered = _OrderTokens.apply(tokens, order)  # B, N, C
     else:
         ordered = torch.gather(tokens, 1, order.unsqueeze(-1).expand(B, N, C))  # B, N, C
