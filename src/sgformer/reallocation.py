@@ -5,12 +5,13 @@ after it sorts tokens by that score and merges runs of them, coarsely where the 
 and finely where it is high. Everything here is a pure function of tensors.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .layers import sizes_are_symbolic
+from .layers import autocast_dtype, sizes_are_symbolic
 
 SIGNIFICANCE_SOURCES = ("hybrid", "local", "global", "uniform")
 
@@ -172,12 +173,13 @@ def _weighted_run_sums(runs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) 
         tokens = runs.squeeze(2)  # B, q, C
         return tokens * w + bias if torch.is_grad_enabled() else torch.addcmul(bias, tokens, w)
     device_type = runs.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast_on = autocast_dtype(device_type) is not None
+    if autocast_on:
         # Autocast would run these products in bfloat16 or float16; the merge sums in the dtype
         # the tokens and weights promote to, as their broadcast product and sum does.
         dtype = torch.promote_types(runs.dtype, w.dtype)
         runs, w, bias = runs.to(dtype), w.to(dtype), bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
         if torch.is_grad_enabled():
             B, q, g, C = runs.shape
             weights = w.view(1, 1, g).expand(B * q, 1, g)  # B*q, 1, g

@@ -13,6 +13,16 @@ def dropout_or_identity(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs ``device_type``'s products in, or None when it is off (or the
+    device has no autocast at all, as ``meta``)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 def sizes_are_symbolic() -> bool:
     """Whether torch.compile or torch.export is tracing the model.
 
@@ -101,11 +111,11 @@ class StackedLinear(nn.Linear):
         """(..., C_in) -> (parts, ..., C_out / parts), each part contiguous."""
         *lead, c_in = x.shape
         P = self.parts
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        cast = autocast_dtype(x.device.type)
+        if cast is not None:
             # Cast before broadcasting: autocast would cast the broadcast input into one copy
             # per part.
-            x = x.to(torch.get_autocast_dtype(device_type))
+            x = x.to(cast)
         rows = x.reshape(1, -1, c_in).expand(P, -1, -1)  # P, B*N, C_in (one input, no copy)
         weight = self.weight.view(P, -1, c_in).transpose(1, 2)  # P, C_in, C
         if self.bias is None:
