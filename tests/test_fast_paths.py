@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import sgformer.model
 from sgformer.layers import (
+    Linear,
+    fused,
     grid_map,
     grid_padding,
     pad_grid,
@@ -240,3 +242,38 @@ def test_grid_map_is_a_channels_last_view_convolutions_keep(batch) -> None:
     torch.testing.assert_close(spatial, tokens.transpose(1, 2).reshape(batch, 6, 5, 7))
     conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
     assert conv(spatial).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(fused.ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
+def test_linear_runs_on_onednn_only_in_cpu_float32_inference(monkeypatch) -> None:
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    real = fused.ONEDNN_LINEAR
+    monkeypatch.setattr(fused, "ONEDNN_LINEAR", spy)
+    layer = Linear(64, 32)
+    x = torch.randn(2, 49, 64)
+
+    def ran_on_onednn(inputs: torch.Tensor, layer: torch.nn.Linear = layer) -> bool:
+        calls.clear()
+        out = layer(inputs)
+        assert out.shape == (*inputs.shape[:-1], 32)
+        if out.dtype == inputs.dtype:
+            expected = F.linear(inputs, layer.weight.to(inputs.dtype), layer.bias.to(inputs.dtype))
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        return bool(calls)
+
+    with torch.no_grad():
+        assert ran_on_onednn(x)
+        assert ran_on_onednn(x.transpose(0, 1).contiguous().transpose(0, 1))  # strided input
+        assert not ran_on_onednn(x.double(), Linear(64, 32, dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ran_on_onednn(x)  # autocast's bfloat16 product, not a float32 one
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not ran_on_onednn(x)
+    assert not ran_on_onednn(x)  # autograd: oneDNN's linear has no gradient
+    with torch.inference_mode():
+        assert ran_on_onednn(x)

@@ -6,6 +6,7 @@ import csv
 import ctypes
 import gc
 import logging
+import math
 import os
 import statistics
 import threading
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .layers.fused import ONEDNN_LINEAR
 from .model import MIN_INPUT_SIZE
 from .runtime import COMPILE_MODES
 
@@ -38,10 +40,17 @@ def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, **kwa
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# flop_counter has no formula for the CPU kernel that scaled_dot_product_attention runs.
+def _onednn_linear_flops(input_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * math.prod(input_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+# flop_counter has no formula for the CPU kernels that scaled_dot_product_attention and the
+# model's float32 inference linears (layers.linear) run.
 _EXTRA_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops
 }
+if ONEDNN_LINEAR is not None:
+    _EXTRA_FORMULAS[ONEDNN_LINEAR] = _onednn_linear_flops
 
 
 # timm's names for a model's list of stages: ``stages`` in most models, ``layers`` in Swin.
@@ -108,6 +117,18 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 _VIEW_LIKE_OPERATORS = frozenset({"_unsafe_view", "detach", "alias", "lift_fresh"})
 
 
+def _copied(func: Any, args: tuple, out: Any) -> bool:
+    """Whether a view-annotated call (``reshape``, ``contiguous``; seen undecomposed in
+    inference mode) copied instead: its output does not share its input's memory."""
+    if not func.is_view or not isinstance(out, torch.Tensor) or not args:
+        return False
+    source = args[0]
+    return (
+        isinstance(source, torch.Tensor)
+        and out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+    )
+
+
 class _OperatorCounter(TorchDispatchMode):
     """Counts aten calls that run a kernel (views excluded) and the bytes their outputs hold."""
 
@@ -119,7 +140,7 @@ class _OperatorCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in _VIEW_LIKE_OPERATORS:
+        if not func.is_view and name not in _VIEW_LIKE_OPERATORS or _copied(func, args, out):
             self.calls[name] += 1
             self.bytes_written += sum(
                 t.nbytes for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)

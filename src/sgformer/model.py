@@ -29,6 +29,7 @@ from .layers import (
     GELU,
     DepthwiseConvMlp,
     Downsample,
+    Linear,
     StackedLinear,
     Stem,
     add_into,
@@ -122,10 +123,10 @@ class HybridScaleAttention(nn.Module):
             self.reduce = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, **dd)
             self.reduce_norm = nn.LayerNorm(dim, eps=REDUCE_NORM_EPS, **dd)
             self.reduce_act = GELU()
-            self.kv_global = nn.Linear(dim, 2 * self.global_dim, bias=qkv_bias, **dd)
+            self.kv_global = Linear(dim, 2 * self.global_dim, bias=qkv_bias, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = dropout_or_identity(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = dropout_or_identity(proj_drop)
 
     def _global(
@@ -348,11 +349,11 @@ class SelfGuidedAttention(nn.Module):
         self.q_lepe = StackedLinear(dim, 2 * dim, 2, 2 if qkv_bias else 1, **dd)
         # Keys, then values, of all heads from the merged tokens in one product (the published
         # layer's kv1 and kv2, one per half of the heads, interleaved: docs/published_code.md).
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
+        self.kv = Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.merge = nn.ModuleList(nn.Linear(b.group_size, 1, **dd) for b in self.buckets)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = dropout_or_identity(proj_drop)
 
     def forward(
@@ -394,7 +395,7 @@ class GlobalAttention(nn.Module):
         self.qkv_lepe = StackedLinear(dim, 4 * dim, 4, 4 if qkv_bias else 1, **dd)
         self.lepe_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, **dd)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = dropout_or_identity(proj_drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -643,9 +644,7 @@ class SGFormer(nn.Module):
                 {"num_chs": embed_dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"}
             )
         self.head_drop = dropout_or_identity(drop_rate)
-        self.head = (
-            nn.Linear(self.num_features, num_classes, **dd) if num_classes else nn.Identity()
-        )
+        self.head = Linear(self.num_features, num_classes, **dd) if num_classes else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -706,7 +705,7 @@ class SGFormer(nn.Module):
             self.global_pool = global_pool
         device, dtype = self.pos_embed.device, self.pos_embed.dtype
         self.head = (
-            nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+            Linear(self.num_features, num_classes, device=device, dtype=dtype)
             if num_classes
             else nn.Identity()
         )

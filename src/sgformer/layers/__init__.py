@@ -3,10 +3,12 @@
 from .downsample import Downsample, Stem
 from .fused import (
     GELU,
+    Linear,
     StackedLinear,
     add_into,
     autocast_dtype,
     dropout_or_identity,
+    linear,
     scaled_bmm,
     sizes_are_symbolic,
 )
@@ -25,6 +27,7 @@ from .window import window_partition, window_reverse
 
 __all__ = [
     "GELU",
+    "Linear",
     "PAD_FILL_VALUE",
     "DepthwiseConvMlp",
     "Downsample",
@@ -37,6 +40,7 @@ __all__ = [
     "dropout_or_identity",
     "grid_map",
     "grid_padding",
+    "linear",
     "pad_grid",
     "padding_needed",
     "resample_position_table",

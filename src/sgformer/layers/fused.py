@@ -1,6 +1,6 @@
 """Fast forms of common operations: dropout only where it drops, in-place sums and GELU, and
-when the traced forms (``sizes_are_symbolic``) apply; projections of one input as one batched
-product."""
+when the traced forms (``sizes_are_symbolic``) apply; linears on oneDNN in CPU float32
+inference; projections of one input as one batched product."""
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,52 @@ def scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         return torch.bmm(a, b * scale)
     # With beta = 0 the added tensor is ignored; a one-element view of `a` serves as it.
     return torch.baddbmm(a[:1, :1, :1], a, b, beta=0, alpha=scale)
+
+
+# oneDNN's fused linear (the kernel torch.compile's CPU backend uses), when this build has it.
+ONEDNN_LINEAR = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
+
+
+def onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` runs ``x`` on oneDNN: CPU float32 eager inference with oneDNN on.
+
+    There, oneDNN's linear is 1.1-1.5x faster than the BLAS product behind ``F.linear`` for the
+    model's shapes (2 threads, docs/BENCHMARKS.md "CPU"). It has no gradient, no autocast rule
+    and no export or TorchScript form, so training, autocast, float64, tracing and every other
+    device keep ``F.linear``. Its float32 rounding differs in the last bits, which the accuracy
+    contract allows (tests/test_golden.py holds it to the float64 reference).
+    """
+    # Tracing first: compile and export must not reach the checks they cannot trace.
+    return (
+        not sizes_are_symbolic()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and ONEDNN_LINEAR is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.enabled
+        and autocast_dtype("cpu") is None
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, on oneDNN where ``onednn_serves``."""
+    if onednn_serves(x, weight):
+        return ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class GELU(nn.GELU):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .fused import GELU, dropout_or_identity
+from .fused import GELU, Linear, dropout_or_identity
 from .lepe import conv_on_grid
 
 
@@ -20,7 +20,7 @@ class DepthwiseConvMlp(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.fc1 = Linear(in_features, hidden_features, **dd)
         self.dwconv = nn.Conv2d(
             hidden_features, hidden_features, 3, padding=1, groups=hidden_features, **dd
         )
@@ -28,7 +28,7 @@ class DepthwiseConvMlp(nn.Module):
         self.init_non_persistent_buffers()
         self.act = GELU()
         self.drop1 = dropout_or_identity(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+        self.fc2 = Linear(hidden_features, in_features, **dd)
         self.drop2 = dropout_or_identity(drop)
 
     def init_non_persistent_buffers(self) -> None:
