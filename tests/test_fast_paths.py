@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import sgformer.model
 from sgformer.layers import (
     Linear,
+    StackedLinear,
     fused,
     grid_map,
     grid_padding,
@@ -277,3 +278,29 @@ def test_linear_runs_on_onednn_only_in_cpu_float32_inference(monkeypatch) -> Non
     assert not ran_on_onednn(x)  # autograd: oneDNN's linear has no gradient
     with torch.inference_mode():
         assert ran_on_onednn(x)
+
+
+@pytest.mark.parametrize("biased_parts", [3, 1, 0])
+def test_stacked_linear_gradients_are_the_separate_linears(biased_parts) -> None:
+    torch.manual_seed(0)
+    layer = StackedLinear(8, 3 * 5, 3, biased_parts).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    # gradcheck against finite differences, and against three plain linears
+    torch.autograd.gradcheck(lambda x, w: _stacked(layer, w)(x), (x, layer.weight.detach()))
+    bias = torch.zeros(15, dtype=torch.float64)
+    if biased_parts:  # the unbiased parts first
+        bias = F.pad(layer.bias, (15 - layer.bias.shape[0], 0))
+    parts = zip(layer.weight.split(5), bias.split(5), strict=True)
+    expected = [F.linear(x, w, b) for w, b in parts]
+    out = layer(x)
+    assert out.shape == (3, 2, 7, 5) and all(part.is_contiguous() for part in out)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
+    reference = torch.autograd.grad(torch.stack(expected), [x, *layer.parameters()], upstream)
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _stacked(layer, weight):
+    """``layer`` as a function of its weight, for gradcheck."""
+    return lambda x: torch.func.functional_call(layer, {"weight": weight}, (x,))

@@ -120,6 +120,48 @@ class GELU(nn.GELU):
         return torch.ops.aten.gelu_(x)
 
 
+class _StackedProduct(torch.autograd.Function):
+    """``baddbmm(bias, rows, weight)`` of one input row block broadcast over the parts, with a
+    backward that writes each gradient in its parameter's own layout.
+
+    Autograd's ``baddbmm`` backward gives the weight's gradient in the transposed (P, C_in, C)
+    layout of the product's operand and then copies it into the (P*C, C_in) parameter; here it
+    is computed as (P, C, C_in) directly: four calls instead of five.
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int
+    ) -> torch.Tensor:
+        """x (1, M, C_in), weight (P*C, C_in), bias (P*C,) or None -> (P, M, C)."""
+        rows = x.expand(parts, -1, -1)  # P, M, C_in (one input, no copy)
+        weight = weight.view(parts, -1, x.shape[-1]).transpose(1, 2)  # P, C_in, C
+        if bias is None:
+            return torch.bmm(rows, weight)
+        return torch.baddbmm(bias.view(parts, 1, -1), rows, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+        x, weight, bias, parts = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.parts, ctx.biased = parts, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        P = ctx.parts
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # the parts' input gradients, summed
+            by_part = torch.bmm(grad, weight.view(P, -1, x.shape[-1]))  # P, M, C_in
+            grad_x = by_part.sum(0, keepdim=True)  # 1, M, C_in
+        if ctx.needs_input_grad[1]:
+            rows = x.expand(P, -1, -1)  # P, M, C_in
+            grad_weight = torch.bmm(grad.transpose(1, 2), rows).view(weight.shape)  # P*C, C_in
+        if ctx.biased and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(1).view(-1)  # P*C
+        return grad_x, grad_weight, grad_bias, None
+
+
 class StackedLinear(nn.Linear):
     """Several projections of one input, held as one linear whose ``parts`` equal row blocks
     are the projections, and computed as one batched product.
@@ -156,19 +198,18 @@ class StackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C_in) -> (parts, ..., C_out / parts), each part contiguous."""
         *lead, c_in = x.shape
-        P = self.parts
+        weight, bias = self.weight, self.bias
+        if bias is not None and bias.shape[0] < self.out_features:
+            bias = F.pad(bias, (self.out_features - bias.shape[0], 0))  # zeros: unbiased parts
         cast = autocast_dtype(x.device.type)
         if cast is not None:
-            # Cast before broadcasting: autocast would cast the broadcast input into one copy
-            # per part.
-            x = x.to(cast)
-        rows = x.reshape(1, -1, c_in).expand(P, -1, -1)  # P, B*N, C_in (one input, no copy)
-        weight = self.weight.view(P, -1, c_in).transpose(1, 2)  # P, C_in, C
-        if self.bias is None:
-            out = torch.bmm(rows, weight)  # P, B*N, C
-        else:
-            bias = self.bias
-            if bias.shape[0] < self.out_features:  # zeros for the parts without bias
-                bias = F.pad(bias, (self.out_features - bias.shape[0], 0))
-            out = torch.baddbmm(bias.view(P, 1, -1), rows, weight)  # P, B*N, C
-        return out.view(P, *lead, -1)  # P, ..., C
+            # Cast before broadcasting (autocast would cast the broadcast input into one copy
+            # per part), and all operands, so that the product's backward needs no autocast.
+            x, weight = x.to(cast), weight.to(cast)
+            bias = None if bias is None else bias.to(cast)
+        rows = x.reshape(1, -1, c_in)  # 1, B*N, C_in
+        if torch.is_grad_enabled() and not sizes_are_symbolic() and not torch.jit.is_tracing():
+            out = _StackedProduct.apply(rows, weight, bias, self.parts)  # P, B*N, C
+        else:  # no backward to shape; traced graphs keep to plain operators
+            out = _StackedProduct.forward(rows, weight, bias, self.parts)  # P, B*N, C
+        return out.view(self.parts, *lead, -1)  # P, ..., C
