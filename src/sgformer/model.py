@@ -646,6 +646,14 @@ class SGFormer(nn.Module):
         self.head_drop = dropout_or_identity(drop_rate)
         self.head = Linear(self.num_features, num_classes, **dd) if num_classes else nn.Identity()
         self.init_weights()
+        # Every convolution of the stages reads a channels-last map (a token grid viewed as
+        # one, layers.grid_map). Its weight in the same layout is read as it is, and its
+        # gradient comes out in the parameter's layout: in the default layout each training
+        # step copies 28 weight gradients of sgformer_s (docs/BENCHMARKS.md "Operator calls").
+        # The stem keeps the default layout, which decides its kernels' layout for small
+        # images. After init_weights, so the initial values do not depend on the layout.
+        for conv in (m for m in self.stages.modules() if isinstance(m, nn.Conv2d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
 
     def init_weights(self) -> None:
         """docs/design.md "Initialisation", and the 2-D sine-cosine position table."""
