@@ -557,3 +557,15 @@ def test_detect_train_two_processes(tmp_path: Path) -> None:
     state = checkpoint.state
     assert (state["epoch"], state["iteration"]) == (1, 2)  # 8 images / (2 x 2)
     assert state["metrics"]["images"] == 3  # the odd image is evaluated once, not twice
+
+
+@pytest.mark.slow
+def test_detect_train_compiled(dense, tmp_path) -> None:
+    """--compile reaches Mask R-CNN's training step: it trains, evaluates and checkpoints."""
+    run = tmp_path / "compiled"
+    argv = [*_dense_train_argv(dense), "--epochs", "1", "--compile", "--output", str(run)]
+    assert cli.main(argv) == 0
+    done = load_run(run, "detection")
+    assert done.args["compile"] == "default"
+    assert done.state["iteration"] == 2 and np.isfinite(done.history[0]["train_loss"])
+    assert "bbox_AP" in done.history[0]
