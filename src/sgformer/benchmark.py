@@ -140,7 +140,7 @@ class _OperatorCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in _VIEW_LIKE_OPERATORS or _copied(func, args, out):
+        if (not func.is_view and name not in _VIEW_LIKE_OPERATORS) or _copied(func, args, out):
             self.calls[name] += 1
             self.bytes_written += sum(
                 t.nbytes for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)

@@ -75,7 +75,7 @@ def onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     model's shapes (2 threads, docs/BENCHMARKS.md "CPU"). It has no gradient, no autocast rule
     and no export or TorchScript form, so training, autocast, float64, tracing and every other
     device keep ``F.linear``. Its float32 rounding differs in the last bits, which the accuracy
-    contract allows (tests/test_golden.py holds it to the float64 reference).
+    contract allows (tests/test_contract.py holds it to the float64 reference).
     """
     # Tracing first: compile and export must not reach the checks they cannot trace.
     return (
