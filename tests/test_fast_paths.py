@@ -292,13 +292,51 @@ def test_stacked_linear_gradients_are_the_separate_linears(biased_parts) -> None
         bias = F.pad(layer.bias, (15 - layer.bias.shape[0], 0))
     parts = zip(layer.weight.split(5), bias.split(5), strict=True)
     expected = [F.linear(x, w, b) for w, b in parts]
-    out = layer(x)
-    assert out.shape == (3, 2, 7, 5) and all(part.is_contiguous() for part in out)
+    leading, last = layer(x)
+    assert leading.shape == (2, 2, 7, 5) and last.shape == (2, 7, 5)
+    assert all(part.is_contiguous() for part in (*leading, last))
+    out = torch.cat([leading, last[None]])
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
     reference = torch.autograd.grad(torch.stack(expected), [x, *layer.parameters()], upstream)
     for got, want in zip(grads, reference, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("biased_parts", [3, 1, 0])
+def test_stacked_linear_on_onednn_gives_the_separate_linears(monkeypatch, biased_parts) -> None:
+    calls = []
+    real = fused.ONEDNN_LINEAR
+    monkeypatch.setattr(fused, "ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    layer = StackedLinear(8, 3 * 5, 3, biased_parts)
+    x = torch.randn(2, 7, 8)
+    bias = F.pad(layer.bias, (15 - layer.bias.shape[0], 0)) if biased_parts else None
+    expected = F.linear(x, layer.weight, bias).unflatten(-1, (3, 5)).movedim(-2, 0)
+    with torch.no_grad():
+        leading, last = layer(x)
+    assert len(calls) == 2  # the leading parts in one product, the last in another
+    assert leading.shape == (2, 2, 7, 5) and last.shape == (2, 7, 5) and last.is_contiguous()
+    torch.testing.assert_close(torch.cat([leading, last[None]]), expected)
+
+
+def test_conv_gelu_fuses_only_in_cpu_float32_inference(monkeypatch) -> None:
+    calls = []
+    real = fused.ONEDNN_CONV
+    monkeypatch.setattr(fused, "ONEDNN_CONV", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    x = torch.randn(2, 9, 11, 16).permute(0, 3, 1, 2)  # channels-last, as the model's maps
+    weight = conv.weight + 0.5
+    expected = F.gelu(F.conv2d(x, weight, conv.bias, padding=1, groups=16))
+    with torch.no_grad():
+        fused_out = fused.conv2d_gelu(x, weight, conv)
+    assert calls == [1]
+    torch.testing.assert_close(fused_out, expected, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    plain = fused.conv2d_gelu(x, weight, conv)  # autograd: the ATen convolution, then GELU
+    assert calls == [] and plain.requires_grad
+    torch.testing.assert_close(plain, expected, rtol=0, atol=0)
 
 
 def _stacked(layer, weight):

@@ -79,9 +79,14 @@ def test_merge_runs_under_autograd_gives_the_weighted_sums_and_their_gradients(g
     expected = torch.stack(runs, dim=1)  # B, runs, C
     merged = merge_runs(tokens, weight, bias)
     torch.testing.assert_close(merged, expected)
-    upstream = torch.randn_like(expected)
-    got = torch.autograd.grad((merged * upstream).sum(), (tokens, weight, bias))
-    want = torch.autograd.grad((expected * upstream).sum(), (tokens, weight, bias))
+    # In the model the merged tokens' gradient arrives as a strided slice of a concatenation's.
+    upstream = torch.randn(2, 2 * expected.shape[1], 5, dtype=torch.float64)
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return (torch.cat([out, out.detach()], dim=1) * upstream).sum()
+
+    got = torch.autograd.grad(loss(merged), (tokens, weight, bias))
+    want = torch.autograd.grad(loss(expected), (tokens, weight, bias))
     for g, e in zip(got, want, strict=True):
         torch.testing.assert_close(g, e)
     with torch.no_grad():  # the inference form

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
-from .layers.fused import ONEDNN_LINEAR
+from .layers.fused import ONEDNN_CONV, ONEDNN_LINEAR
 from .model import MIN_INPUT_SIZE
 from .runtime import COMPILE_MODES
 
@@ -44,13 +44,19 @@ def _onednn_linear_flops(input_shape, weight_shape, *args, **kwargs) -> int:
     return 2 * math.prod(input_shape[:-1]) * weight_shape[0] * weight_shape[1]
 
 
+def _onednn_conv_flops(input_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+    return conv_flop_count(input_shape, weight_shape, out_shape, transposed=False)
+
+
 # flop_counter has no formula for the CPU kernels that scaled_dot_product_attention and the
-# model's float32 inference linears (layers.linear) run.
+# model's float32 inference linears and convolutions (layers.linear, layers.conv2d_gelu) run.
 _EXTRA_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops
 }
 if ONEDNN_LINEAR is not None:
     _EXTRA_FORMULAS[ONEDNN_LINEAR] = _onednn_linear_flops
+if ONEDNN_CONV is not None:
+    _EXTRA_FORMULAS[ONEDNN_CONV] = _onednn_conv_flops
 
 
 # timm's names for a model's list of stages: ``stages`` in most models, ``layers`` in Swin.

@@ -269,15 +269,15 @@ class HybridScaleAttention(nn.Module):
         B, N, C = x.shape
         H, W = grid
         w, heads, d = self.window_size, self.group_heads, self.head_dim
-        qkv, lepe = self.qkv_lepe(x).split([self.qkv_lepe.parts - 1, 1])  # P-1, B, N, C; 1, ...
-        mixed = conv_on_grid(lepe.squeeze(0), grid, self.lepe_conv)  # B, N, C
+        qkv, lepe = self.qkv_lepe(x)  # P-1, B, N, C (maybe strided); B, N, C
+        mixed = conv_on_grid(lepe, grid, self.lepe_conv)  # B, N, C
         padding = grid_padding(H, W, w)
         Hp, Wp = H + padding[0], W + padding[1]
         nh, nw = Hp // w, Wp // w
         padded = padding_needed(padding)
         per_part = C // (heads * d)  # head groups per part: 2 in the hybrid form, else 1
         groups = qkv.shape[0] * per_part
-        grid_qkv = pad_grid(qkv.reshape(-1, H, W, C), padding)  # (P-1)*B, Hp, Wp, C
+        grid_qkv = pad_grid(qkv.view(-1, B, H, W, C), padding)  # P-1, B, Hp, Wp, C
         # One copy lays every head group out window by window with its heads on the batch axis.
         # The global heads take their queries in this order too: their outputs then join the
         # local heads' in one layout, and the significance mean ignores the order of queries.
@@ -362,8 +362,8 @@ class SelfGuidedAttention(nn.Module):
         """(B, N, C) tokens and (B, N) significance -> (B, N, C)."""
         B, N, C = x.shape
         heads, d = self.num_heads, self.head_dim
-        q, lepe = self.q_lepe(x).unbind(0)  # B, N, C each
-        q = q.unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
+        q, lepe = self.q_lepe(x)  # 1, B, N, C; B, N, C
+        q = q.squeeze(0).unflatten(-1, (heads, d)).transpose(1, 2)  # B, heads, N, d
         merges = [(m.weight, m.bias) for m in self.merge]
         merged = reallocate_tokens(x, significance, self.buckets, merges)  # B, M', C
         kv = self.kv(merged).unflatten(-1, (2, heads, d))  # B, M', 2, heads, d
@@ -402,7 +402,7 @@ class GlobalAttention(nn.Module):
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         heads = self.num_heads
-        *qkv, lepe = self.qkv_lepe(x).unbind(0)  # B, N, C each
+        qkv, lepe = self.qkv_lepe(x)  # 3, B, N, C (maybe strided); B, N, C
         q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv)  # B, heads, N, d
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # B, heads, N, d
@@ -644,7 +644,7 @@ class SGFormer(nn.Module):
                 {"num_chs": embed_dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"}
             )
         self.head_drop = dropout_or_identity(drop_rate)
-        self.head = Linear(self.num_features, num_classes, **dd) if num_classes else nn.Identity()
+        self.head = self._classifier(num_classes, **dd)
         self.init_weights()
         # Every convolution of the stages reads a channels-last map (a token grid viewed as
         # one, layers.grid_map). Its weight in the same layout is read as it is, and its
@@ -711,13 +711,16 @@ class SGFormer(nn.Module):
         if global_pool is not None:
             _check_pool(global_pool)
             self.global_pool = global_pool
-        device, dtype = self.pos_embed.device, self.pos_embed.dtype
-        self.head = (
-            Linear(self.num_features, num_classes, device=device, dtype=dtype)
-            if num_classes
-            else nn.Identity()
-        )
+        self.head = self._classifier(num_classes, self.pos_embed.device, self.pos_embed.dtype)
         self.head.train(self.training)
+
+    def _classifier(
+        self, num_classes: int, device: torch.device | None, dtype: torch.dtype | None
+    ) -> nn.Module:
+        """The linear classifier on the pooled features; ``nn.Identity`` for 0 classes."""
+        if not num_classes:
+            return nn.Identity()
+        return Linear(self.num_features, num_classes, device=device, dtype=dtype)
 
     # ----- forward -----
     def _check_input(self, x: torch.Tensor) -> None:

@@ -162,16 +162,9 @@ def merge_runs(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 def _weighted_run_sums(runs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(B, q, g, C) runs, (g,) weights, (1,) bias -> (B, q, C) weighted sums over each run.
 
-    Under autograd runs are one batched product with the bias, (1, g) weights by each (g, C)
-    run: forward and backward write two (B, q, g, C) tensors (the runs compacted, their
-    gradient) where a broadcast product and sum write three, in as many calls (the einsum's
-    backward copies more). A run of one token is a multiply and an add, whose backward has a
-    call fewer than a fused multiply-add's. Inference takes one linear of the runs' g tokens, bias
-    included, and the fused multiply-add.
+    Under autograd, :class:`_RunSums`. Inference takes one linear of the runs' g tokens, bias
+    included, or for runs of one token the fused multiply-add.
     """
-    if runs.shape[2] == 1:
-        tokens = runs.squeeze(2)  # B, q, C
-        return tokens * w + bias if torch.is_grad_enabled() else torch.addcmul(bias, tokens, w)
     device_type = runs.device.type
     autocast_on = autocast_dtype(device_type) is not None
     if autocast_on:
@@ -180,13 +173,54 @@ def _weighted_run_sums(runs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) 
         dtype = torch.promote_types(runs.dtype, w.dtype)
         runs, w, bias = runs.to(dtype), w.to(dtype), bias.to(dtype)
     with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
-        if torch.is_grad_enabled():
-            B, q, g, C = runs.shape
-            weights = w.view(1, 1, g).expand(B * q, 1, g)  # B*q, 1, g
-            sums = torch.baddbmm(bias.view(1, 1, 1), weights, runs.reshape(B * q, g, C))
-            return sums.view(B, q, C)  # B, q, C
+        # TorchScript tracing cannot record a Python Function: it takes the plain operators.
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return _RunSums.apply(runs, w, bias)  # B, q, C
+        if runs.shape[2] == 1:
+            return torch.addcmul(bias, runs.squeeze(2), w)  # B, q, C
         by_run = runs.transpose(-1, -2)  # B, q, C, g
         return F.linear(by_run, w[None], bias).squeeze(-1)  # B, q, C
+
+
+class _RunSums(torch.autograd.Function):
+    """Weighted sums of runs, (B, q, g, C) runs, (g,) weights, (1,) bias -> (B, q, C), with a
+    backward of four calls for every run length.
+
+    The forward is one batched product with the bias, (1, g) weights by each (g, C) run, or
+    a fused multiply-add for runs of one token. Autograd's backward of those takes five and
+    four calls, six for the multiply and add it needs a differentiable form of: it reduces
+    the broadcast weights and bias in separate sums and copies the incoming gradient (a slice
+    of the merged tokens' gradient) into the product's layout. Here the runs' gradient is one
+    broadcast product, the weights' a product and a sum, the bias's a sum, each reading the
+    gradient as it is laid out.
+    """
+
+    @staticmethod
+    def forward(runs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, q, g, C = runs.shape
+        if g == 1:
+            return torch.addcmul(bias, runs.squeeze(2), w)  # B, q, C
+        weights = w.view(1, 1, g).expand(B * q, 1, g)  # B*q, 1, g
+        sums = torch.baddbmm(bias.view(1, 1, 1), weights, runs.reshape(B * q, g, C))
+        return sums.view(B, q, C)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+        runs, w, _ = inputs
+        ctx.save_for_backward(runs, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        runs, w = ctx.saved_tensors
+        by_token = grad.unsqueeze(2)  # B, q, 1, C
+        grad_runs = grad_w = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_runs = by_token * w.view(-1, 1)  # B, q, g, C
+        if ctx.needs_input_grad[1]:
+            grad_w = (runs * by_token).sum((0, 1, 3))  # g
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum().view(1)
+        return grad_runs, grad_w, grad_bias
 
 
 def _merge_runs_branch_free(
@@ -259,7 +293,9 @@ def reallocate_tokens(
     """
     B, N, C = tokens.shape
     order = significance_order(significance)  # B, N
-    # TorchScript tracing cannot record a Python autograd Function: it takes the plain gather.
+    # Unlike layers.is_traced, torch.compile keeps this Function: its gradient is a gather by
+    # the inverse order, where the plain gather's is a scatter into zeros. TorchScript tracing
+    # cannot record a Python Function and takes the plain gather.
     if torch.is_grad_enabled() and tokens.requires_grad and not torch.jit.is_tracing():
         ordered = _OrderTokens.apply(tokens, order)  # B, N, C
     else:

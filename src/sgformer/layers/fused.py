@@ -1,6 +1,6 @@
 """Fast forms of common operations: dropout only where it drops, in-place sums and GELU, and
-when the traced forms (``sizes_are_symbolic``) apply; linears on oneDNN in CPU float32
-inference; projections of one input as one batched product."""
+when the traced forms (``sizes_are_symbolic``) apply; linears, and convolutions with their
+GELU, on oneDNN in CPU float32 inference; projections of one input as one batched product."""
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,12 @@ def sizes_are_symbolic() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def is_traced() -> bool:
+    """Whether torch.compile, torch.export or TorchScript is tracing the model: traced graphs
+    keep to ATen operators (no oneDNN-only kernels, no Python autograd Functions)."""
+    return sizes_are_symbolic() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 def add_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``buffer + value``, written into ``buffer`` when autograd is not recording.
 
@@ -60,29 +66,35 @@ def scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.baddbmm(a[:1, :1, :1], a, b, beta=0, alpha=scale)
 
 
-# oneDNN's fused linear (the kernel torch.compile's CPU backend uses), when this build has it.
-ONEDNN_LINEAR = (
-    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+# oneDNN's linear and convolution with fused pointwise ops (the kernels torch.compile's CPU
+# backend uses), when this build has them.
+ONEDNN_LINEAR, ONEDNN_CONV = (
+    (
+        getattr(torch.ops.mkldnn, "_linear_pointwise", None),
+        getattr(torch.ops.mkldnn, "_convolution_pointwise", None),
+    )
     if torch.backends.mkldnn.is_available()
-    else None
+    else (None, None)
 )
 
 
 def onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear`` runs ``x`` on oneDNN: CPU float32 eager inference with oneDNN on.
+    """Whether ``linear`` and ``conv2d_gelu`` run on oneDNN: CPU float32 eager inference
+    with oneDNN on.
 
     There, oneDNN's linear is 1.1-1.5x faster than the BLAS product behind ``F.linear`` for the
-    model's shapes (2 threads, docs/BENCHMARKS.md "CPU"). It has no gradient, no autocast rule
-    and no export or TorchScript form, so training, autocast, float64, tracing and every other
-    device keep ``F.linear``. Its float32 rounding differs in the last bits, which the accuracy
-    contract allows (tests/test_contract.py holds it to the float64 reference).
+    model's shapes (2 threads, docs/BENCHMARKS.md "CPU"), and a convolution computes GELU as it
+    writes its output instead of in a pass of its own. Neither has a gradient, an autocast rule
+    nor an export or TorchScript form, so training, autocast, float64, tracing and every other
+    device keep ``F.linear`` and ``F.conv2d``. Their float32 rounding differs in the last bits,
+    which the accuracy contract allows (tests/test_contract.py holds it to the float64
+    reference).
     """
     # Tracing first: compile and export must not reach the checks they cannot trace.
     return (
-        not sizes_are_symbolic()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        not is_traced()
         and ONEDNN_LINEAR is not None
+        and ONEDNN_CONV is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -99,6 +111,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
+def conv2d_gelu(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``GELU(conv(x))`` (erf form) with ``weight`` in place of ``conv.weight``: one oneDNN
+    call with GELU as its post-op where ``onednn_serves``, else the convolution, then GELU."""
+    if onednn_serves(x, weight):
+        return ONEDNN_CONV(
+            x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu",
+            [], "none",
+        )  # fmt: skip
+    out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return gelu(out)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) computed by :func:`linear`."""
 
@@ -106,18 +130,21 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class GELU(nn.GELU):
-    """``nn.GELU`` (erf form) that overwrites its input when autograd is not recording.
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Erf GELU that overwrites ``x`` when autograd is not recording.
 
     Its inputs here are fresh buffers nothing else reads (a norm's or a convolution's output),
     so in inference the activation needs no buffer of its own. The in-place kernel is the
     same vectorised erf GELU, so the values are bit-identical.
     """
+    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` (erf form) computed by :func:`gelu`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return super().forward(x)
-        return torch.ops.aten.gelu_(x)
+        return gelu(x)
 
 
 class _StackedProduct(torch.autograd.Function):
@@ -170,7 +197,9 @@ class StackedLinear(nn.Linear):
     output: a convolution or a head reshape of a slice copies it first, and autograd sums the
     input's gradients of separate linears. Here the input is broadcast over the parts (no
     copy), each part is its own contiguous (B, N, C) tensor, and the input's gradient is one
-    sum over the parts.
+    sum over the parts. Where ``onednn_serves`` (CPU float32 inference) the leading parts are
+    one oneDNN product (column slices of one output: the model's layers read them through a
+    copy or a strided view anyway) and the last part another.
 
     ``biased_parts`` trailing parts have a bias (all by default), so a layer of projections
     without bias can be fused with one that has one: ``bias`` then holds only theirs.
@@ -195,12 +224,22 @@ class StackedLinear(nn.Linear):
             self.bias = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
             self.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C_in) -> (parts, ..., C_out / parts), each part contiguous."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., C_in) -> ((parts - 1, ..., C) leading parts, (..., C) last part), with
+        C = C_out / parts and the last part contiguous (every model layer feeds its last part,
+        the LePE linear, to a convolution)."""
         *lead, c_in = x.shape
         weight, bias = self.weight, self.bias
         if bias is not None and bias.shape[0] < self.out_features:
             bias = F.pad(bias, (self.out_features - bias.shape[0], 0))  # zeros: unbiased parts
+        if onednn_serves(x, weight):
+            # Two oneDNN products (leading parts, last part) beat the batched product, which
+            # is slower per part and shares an odd number of parts unevenly between threads
+            # (3 parts on 2 threads: 0.75x the speed of the same work in one product).
+            split = (self.parts - 1) * self.out_features // self.parts
+            head = linear(x, weight[:split], None if bias is None else bias[:split])
+            last = linear(x, weight[split:], None if bias is None else bias[split:])
+            return head.unflatten(-1, (self.parts - 1, -1)).movedim(-2, 0), last
         cast = autocast_dtype(x.device.type)
         if cast is not None:
             # Cast before broadcasting (autocast would cast the broadcast input into one copy
@@ -208,8 +247,11 @@ class StackedLinear(nn.Linear):
             x, weight = x.to(cast), weight.to(cast)
             bias = None if bias is None else bias.to(cast)
         rows = x.reshape(1, -1, c_in)  # 1, B*N, C_in
-        if torch.is_grad_enabled() and not sizes_are_symbolic() and not torch.jit.is_tracing():
+        if torch.is_grad_enabled() and not is_traced():
             out = _StackedProduct.apply(rows, weight, bias, self.parts)  # P, B*N, C
-        else:  # no backward to shape; traced graphs keep to plain operators
+        else:  # no backward to shape, or traced
             out = _StackedProduct.forward(rows, weight, bias, self.parts)  # P, B*N, C
-        return out.view(self.parts, *lead, -1)  # P, ..., C
+        # One split (its backward is one `cat`); an index per part would have each part's
+        # gradient scattered into zeros of the whole output and then summed.
+        head, last = out.view(self.parts, *lead, -1).split([self.parts - 1, 1])  # P-1 | 1, ..., C
+        return head, last.squeeze(0)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import conv2d_gelu
+
 
 def grid_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, N, C) tokens of an (H, W) grid as a (B, C, H, W) map: a channels-last view
@@ -23,8 +25,10 @@ def conv_on_grid(
     grid: tuple[int, int],
     conv: nn.Conv2d,
     weight: torch.Tensor | None = None,
+    gelu: bool = False,
 ) -> torch.Tensor:
-    """Run ``conv`` on tokens laid out as their (H, W) grid.
+    """Run ``conv`` (and with ``gelu`` a GELU after it) on tokens laid out as their (H, W)
+    grid.
 
     Contiguous (B, N, C) tokens are already a channels-last (B, C, H, W) map, so no copy is
     made on the way in or out; a strided input (a slice of a wider product) is compacted first,
@@ -38,7 +42,9 @@ def conv_on_grid(
         (B, N, C_out), contiguous.
     """
     spatial = grid_map(tokens.contiguous(), grid)  # B, C, H, W
-    if weight is None:
+    if gelu:
+        out = conv2d_gelu(spatial, conv.weight if weight is None else weight, conv)
+    elif weight is None:
         out = conv(spatial)  # B, C_out, H, W
     else:
         out = F.conv2d(

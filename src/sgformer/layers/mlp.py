@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .fused import GELU, Linear, dropout_or_identity
+from .fused import Linear, dropout_or_identity
 from .lepe import conv_on_grid
 
 
@@ -26,7 +26,6 @@ class DepthwiseConvMlp(nn.Module):
         )
         self.register_buffer("centre_tap", torch.empty(1, 1, 3, 3, **dd), persistent=False)
         self.init_non_persistent_buffers()
-        self.act = GELU()
         self.drop1 = dropout_or_identity(drop)
         self.fc2 = Linear(hidden_features, in_features, **dd)
         self.drop2 = dropout_or_identity(drop)
@@ -54,7 +53,8 @@ class DepthwiseConvMlp(nn.Module):
         # h + dwconv(h) is one depthwise convolution whose centre tap is one larger: no sum
         # forward and no gradient sum backward over the widest tensor of the block (stage-1 MLP
         # of sgformer_s at batch 8 on the CPU, forward and backward: 51 -> 44 ms; bfloat16
-        # inference of sgformer_s at batch 16: 9 % faster).
+        # inference of sgformer_s at batch 16: 9 % faster). In CPU float32 inference GELU is the
+        # convolution's post-op (layers.fused.conv2d_gelu).
         weight = self.tapped_weight() if tapped_weight is None else tapped_weight  # Ch, 1, 3, 3
-        h = self.drop1(self.act(conv_on_grid(h, grid, self.dwconv, weight=weight)))  # B, N, Ch
+        h = self.drop1(conv_on_grid(h, grid, self.dwconv, weight=weight, gelu=True))  # B, N, Ch
         return self.drop2(self.fc2(h))
