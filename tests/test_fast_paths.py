@@ -320,7 +320,7 @@ def test_stacked_linear_on_onednn_gives_the_separate_linears(monkeypatch, biased
     torch.testing.assert_close(torch.cat([leading, last[None]]), expected)
 
 
-def test_conv_gelu_fuses_only_in_cpu_float32_inference(monkeypatch) -> None:
+def test_conv_gelu_fuses_only_in_cpu_inference_in_float32_and_bfloat16(monkeypatch) -> None:
     calls = []
     real = fused.ONEDNN_CONV
     monkeypatch.setattr(fused, "ONEDNN_CONV", lambda *args: calls.append(1) or real(*args))
@@ -337,6 +337,17 @@ def test_conv_gelu_fuses_only_in_cpu_float32_inference(monkeypatch) -> None:
     plain = fused.conv2d_gelu(x, weight, conv)  # autograd: the ATen convolution, then GELU
     assert calls == [] and plain.requires_grad
     torch.testing.assert_close(plain, expected, rtol=0, atol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_out = fused.conv2d_gelu(x, weight, conv)  # fused in bfloat16, as autocast runs it
+        assert calls == [1] and bf16_out.dtype == torch.bfloat16
+        unfused = F.gelu(F.conv2d(x, weight, conv.bias, padding=1, groups=16))
+    # One rounding to bfloat16 instead of two: at least as close to float32 as autocast's pair.
+    fused_error = (bf16_out.float() - expected).abs().max()
+    assert fused_error <= (unfused.float() - expected).abs().max()
+    torch.testing.assert_close(bf16_out.float(), expected, rtol=2e-2, atol=2e-2)
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # not served: ATen
+        assert fused.conv2d_gelu(x, weight, conv).dtype == torch.float16 and calls == []
 
 
 def _stacked(layer, weight):
