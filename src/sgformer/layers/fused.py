@@ -90,17 +90,25 @@ def onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     which the accuracy contract allows (tests/test_contract.py holds it to the float64
     reference).
     """
+    return (
+        _eager_cpu_inference(x)
+        and ONEDNN_LINEAR is not None
+        and ONEDNN_CONV is not None
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and autocast_dtype("cpu") is None
+    )
+
+
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` meets a oneDNN-only kernel at all: untraced CPU inference with oneDNN on
+    (the kernels have no gradient and no export or TorchScript form)."""
     # Tracing first: compile and export must not reach the checks they cannot trace.
     return (
         not is_traced()
-        and ONEDNN_LINEAR is not None
-        and ONEDNN_CONV is not None
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.enabled
-        and autocast_dtype("cpu") is None
     )
 
 
@@ -119,13 +127,10 @@ def _onednn_conv_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | N
     if onednn_serves(x, weight):
         return torch.float32
     bfloat16_inference = (
-        not is_traced()
+        _eager_cpu_inference(x)
         and ONEDNN_CONV is not None
-        and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and torch.backends.mkldnn.enabled
         and autocast_dtype("cpu") == torch.bfloat16
     )
     return torch.bfloat16 if bfloat16_inference else None
@@ -261,8 +266,10 @@ class StackedLinear(nn.Linear):
             # is slower per part and shares an odd number of parts unevenly between threads
             # (3 parts on 2 threads: 0.75x the speed of the same work in one product).
             split = (self.parts - 1) * self.out_features // self.parts
-            head = linear(x, weight[:split], None if bias is None else bias[:split])
-            last = linear(x, weight[split:], None if bias is None else bias[split:])
+            x = x.contiguous()
+            head_bias, last_bias = (None, None) if bias is None else (bias[:split], bias[split:])
+            head = ONEDNN_LINEAR(x, weight[:split], head_bias, "none", [], "")
+            last = ONEDNN_LINEAR(x, weight[split:], last_bias, "none", [], "")
             return head.unflatten(-1, (self.parts - 1, -1)).movedim(-2, 0), last
         cast = autocast_dtype(x.device.type)
         if cast is not None:
