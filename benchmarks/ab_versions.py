@@ -8,7 +8,9 @@ baseline source tree, with the same weights, steps alternating between the two.
 On a shared machine the speed drifts by 10 % and more between runs, and two processes run
 one after the other see different machines; alternating steps in one process see the same
 one. The baseline package is copied under another name (``sgformer_baseline``), so both
-versions import side by side; both must hold the same parameter names. Prints each version's
+versions import side by side; both must hold the same parameter names. A step is what
+`sgformer benchmark` times (``sgformer.benchmark.make_step``: an inference forward, or
+forward, loss, backward and fused AdamW update). Prints each version's
 median and best step time and the baseline's time over ours per pair (above 1: ours is
 faster), the figure docs/BENCHMARKS.md quotes.
 """
@@ -23,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import sgformer.model
-from sgformer.benchmark import AMP_DTYPES
+from sgformer.benchmark import AMP_DTYPES, make_step
 
 
 def load_baseline(src: Path):  # noqa: ANN201  (a module)
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="sgformer_s", help="a name in model.VARIANTS")
     parser.add_argument("--mode", choices=("infer", "train"), default="infer")
     parser.add_argument("-b", "--batch-size", type=int, help="default 16 infer, 8 train")
-    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (infer)")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype")
     parser.add_argument("--pairs", type=int, default=12, help="alternating step pairs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -56,31 +57,20 @@ def main() -> None:
     ours = sgformer.model.SGFormer(**sgformer.model.VARIANTS[args.model])
     theirs = baseline.SGFormer(**baseline.VARIANTS[args.model])
     theirs.load_state_dict(ours.state_dict())
-    models = {"baseline": theirs, "ours": ours}
     batch = args.batch_size or (16 if args.mode == "infer" else 8)
     x = torch.randn(batch, 3, 224, 224)
-    target = torch.randint(0, 1000, (batch,))
-    amp = AMP_DTYPES[args.amp] if args.amp else None
-
-    def step(model: torch.nn.Module) -> float:
-        start = time.perf_counter()
-        if args.mode == "infer":
-            model.eval()
-            with torch.inference_mode(), torch.autocast("cpu", amp, enabled=amp is not None):
-                model(x)
-        else:
-            model.train()
-            F.cross_entropy(model(x), target).backward()
-            model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    times = {name: [] for name in models}
+    steps = {}  # the units `sgformer benchmark` times
+    for name, model in (("baseline", theirs), ("ours", ours)):
+        model.train(args.mode == "train")
+        steps[name] = make_step(model, args.mode, x, args.amp)
+    times = {name: [] for name in steps}
     for i in range(args.pairs + 1):  # the first pair warms up and is dropped
         order = ("baseline", "ours") if i % 2 == 0 else ("ours", "baseline")
         for name in order:
-            seconds = step(models[name])
+            start = time.perf_counter()
+            steps[name]()
             if i:
-                times[name].append(seconds)
+                times[name].append(time.perf_counter() - start)
     for name, values in times.items():
         print(
             f"{name:8s} {args.mode} median {1000 * statistics.median(values):.0f} ms, "
