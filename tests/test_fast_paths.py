@@ -294,13 +294,18 @@ def test_stacked_linear_gradients_are_the_separate_linears(biased_parts) -> None
     expected = [F.linear(x, w, b) for w, b in parts]
     leading, last = layer(x)
     assert leading.shape == (2, 2, 7, 5) and last.shape == (2, 7, 5)
-    assert all(part.is_contiguous() for part in (*leading, last))
-    out = torch.cat([leading, last[None]])
-    upstream = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
-    reference = torch.autograd.grad(torch.stack(expected), [x, *layer.parameters()], upstream)
+    # The upstream gradient of the leading parts in another layout, as the attention's window
+    # layout returns it.
+    upstream = (torch.randn(2, 7, 2, 5).double().movedim(2, 0), torch.randn(2, 7, 5).double())
+    grads = torch.autograd.grad([leading, last], [x, *layer.parameters()], upstream)
+    reference = torch.autograd.grad(
+        [torch.stack(expected[:2]), expected[2]], [x, *layer.parameters()], upstream
+    )
     for got, want in zip(grads, reference, strict=True):
         torch.testing.assert_close(got, want)
+    with torch.no_grad():  # the inference form: column slices of one product
+        leading, last = layer(x)
+    torch.testing.assert_close(torch.cat([leading, last[None]]), torch.stack(expected))
 
 
 @pytest.mark.parametrize("biased_parts", [3, 1, 0])

@@ -1,6 +1,6 @@
 """Fast forms of common operations: dropout only where it drops, in-place sums and GELU, and
 when the traced forms (``sizes_are_symbolic``) apply; linears, and convolutions with their
-GELU, on oneDNN in CPU float32 inference; projections of one input as one batched product."""
+GELU, on oneDNN in CPU float32 inference; projections of one input as one product."""
 
 import torch
 import torch.nn.functional as F
@@ -177,58 +177,51 @@ class GELU(nn.GELU):
 
 
 class _StackedProduct(torch.autograd.Function):
-    """``baddbmm(bias, rows, weight)`` of one input row block broadcast over the parts, with a
-    backward that writes each gradient in its parameter's own layout.
+    """One linear of (M, C_in) rows handed on as its (P-1, M, C) leading parts and its (M, C)
+    last part, views of the one (M, P*C) output; its backward gathers the parts' gradients
+    into that layout with one ``cat``.
 
-    Autograd's ``baddbmm`` backward gives the weight's gradient in the transposed (P, C_in, C)
-    layout of the product's operand and then copies it into the (P*C, C_in) parameter; here it
-    is computed as (P, C, C_in) directly: four calls instead of five.
+    Autograd's split and reshape of the output would first copy the leading parts' gradient,
+    which the attention layouts return part by part, into their joint (M, (P-1)*C) layout, and
+    then ``cat`` it with the last part's: two passes over the gradient where one does.
     """
 
     @staticmethod
     def forward(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int
-    ) -> torch.Tensor:
-        """x (1, M, C_in), weight (P*C, C_in), bias (P*C,) or None -> (P, M, C)."""
-        rows = x.expand(parts, -1, -1)  # P, M, C_in (one input, no copy)
-        weight = weight.view(parts, -1, x.shape[-1]).transpose(1, 2)  # P, C_in, C
-        if bias is None:
-            return torch.bmm(rows, weight)
-        return torch.baddbmm(bias.view(parts, 1, -1), rows, weight)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, C_in), weight (P*C, C_in), bias (P*C,) or None -> (P-1, M, C), (M, C)."""
+        out = F.linear(x, weight, bias).view(x.shape[0], parts, -1)  # M, P, C
+        return out[:, :-1].transpose(0, 1), out[:, -1]
 
     @staticmethod
-    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
-        x, weight, bias, parts = inputs
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+        x, weight, bias, _ = inputs
         ctx.save_for_backward(x, weight)
-        ctx.parts, ctx.biased = parts, bias is not None
+        ctx.biased = bias is not None
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+    def backward(ctx, grad_head: torch.Tensor, grad_last: torch.Tensor) -> tuple:  # noqa: ANN001
         x, weight = ctx.saved_tensors
-        P = ctx.parts
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # the parts' input gradients, summed
-            by_part = torch.bmm(grad, weight.view(P, -1, x.shape[-1]))  # P, M, C_in
-            grad_x = by_part.sum(0, keepdim=True)  # 1, M, C_in
-        if ctx.needs_input_grad[1]:
-            rows = x.expand(P, -1, -1)  # P, M, C_in
-            grad_weight = torch.bmm(grad.transpose(1, 2), rows).view(weight.shape)  # P*C, C_in
-        if ctx.biased and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(1).view(-1)  # P*C
+        grad = torch.cat([*grad_head.unbind(0), grad_last], dim=-1)  # M, P*C
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None  # M, C_in
+        grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None  # P*C, C_in
+        grad_bias = grad.sum(0) if ctx.biased and ctx.needs_input_grad[2] else None  # P*C
         return grad_x, grad_weight, grad_bias, None
 
 
 class StackedLinear(nn.Linear):
     """Several projections of one input, held as one linear whose ``parts`` equal row blocks
-    are the projections, and computed as one batched product.
+    are the projections, and computed as one product whose column blocks are the parts.
 
-    A plain fused linear gives each projection as a column slice of one (B, N, parts*C)
-    output: a convolution or a head reshape of a slice copies it first, and autograd sums the
-    input's gradients of separate linears. Here the input is broadcast over the parts (no
-    copy), each part is its own contiguous (B, N, C) tensor, and the input's gradient is one
-    sum over the parts. Where ``onednn_serves`` (CPU float32 inference) the leading parts are
-    one oneDNN product (column slices of one output: the model's layers read them through a
-    copy or a strided view anyway) and the last part another.
+    The leading parts feed layers that read them through a copy or a strided view anyway (the
+    attention's head and window layouts); the last, the LePE linear, feeds a convolution, which
+    compacts it. Under autograd the one product's backward is one product per operand, after
+    one ``cat`` of the parts' gradients. (A batched product of the input broadcast over the
+    parts gives each part contiguous, but shares an odd number of parts unevenly between
+    threads: a training step of a 3-part stage-3 projection at batch 8 took 1.38x as long on 2
+    threads.) Where ``onednn_serves`` (CPU float32 inference) the leading parts are one oneDNN
+    product and the last part another, so that the convolution reads it as written.
 
     ``biased_parts`` trailing parts have a bias (all by default), so a layer of projections
     without bias can be fused with one that has one: ``bias`` then holds only theirs.
@@ -255,34 +248,24 @@ class StackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., C_in) -> ((parts - 1, ..., C) leading parts, (..., C) last part), with
-        C = C_out / parts and the last part contiguous (every model layer feeds its last part,
-        the LePE linear, to a convolution)."""
-        *lead, c_in = x.shape
+        C = C_out / parts; both may be strided views."""
         weight, bias = self.weight, self.bias
         if bias is not None and bias.shape[0] < self.out_features:
             bias = F.pad(bias, (self.out_features - bias.shape[0], 0))  # zeros: unbiased parts
+        split = (self.parts - 1) * self.out_features // self.parts
+        if torch.is_grad_enabled() and not is_traced():
+            cast = autocast_dtype(x.device.type)
+            if cast is not None:  # the Function's backward runs without autocast
+                x, weight = x.to(cast), weight.to(cast)
+                bias = None if bias is None else bias.to(cast)
+            *lead, c_in = x.shape
+            head, last = _StackedProduct.apply(x.reshape(-1, c_in), weight, bias, self.parts)
+            return head.unflatten(1, lead), last.unflatten(0, lead)  # P-1, ..., C; ..., C
         if onednn_serves(x, weight):
-            # Two oneDNN products (leading parts, last part) beat the batched product, which
-            # is slower per part and shares an odd number of parts unevenly between threads
-            # (3 parts on 2 threads: 0.75x the speed of the same work in one product).
-            split = (self.parts - 1) * self.out_features // self.parts
             x = x.contiguous()
             head_bias, last_bias = (None, None) if bias is None else (bias[:split], bias[split:])
             head = ONEDNN_LINEAR(x, weight[:split], head_bias, "none", [], "")
             last = ONEDNN_LINEAR(x, weight[split:], last_bias, "none", [], "")
-            return head.unflatten(-1, (self.parts - 1, -1)).movedim(-2, 0), last
-        cast = autocast_dtype(x.device.type)
-        if cast is not None:
-            # Cast before broadcasting (autocast would cast the broadcast input into one copy
-            # per part), and all operands, so that the product's backward needs no autocast.
-            x, weight = x.to(cast), weight.to(cast)
-            bias = None if bias is None else bias.to(cast)
-        rows = x.reshape(1, -1, c_in)  # 1, B*N, C_in
-        if torch.is_grad_enabled() and not is_traced():
-            out = _StackedProduct.apply(rows, weight, bias, self.parts)  # P, B*N, C
-        else:  # no backward to shape, or traced
-            out = _StackedProduct.forward(rows, weight, bias, self.parts)  # P, B*N, C
-        # One split (its backward is one `cat`); an index per part would have each part's
-        # gradient scattered into zeros of the whole output and then summed.
-        head, last = out.view(self.parts, *lead, -1).split([self.parts - 1, 1])  # P-1 | 1, ..., C
-        return head, last.squeeze(0)
+        else:  # no backward to shape (or traced): the parts as column slices of one product
+            head, last = F.linear(x, weight, bias).split([split, self.out_features - split], -1)
+        return head.unflatten(-1, (self.parts - 1, -1)).movedim(-2, 0), last
