@@ -4,6 +4,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,10 @@ def test_cli_reports_good_rows_beside_bad_input(tmp_path, capsys) -> None:
     ]
     good = rows[0]
     assert good["error"] == "" and float(good["img_per_s"]) > 0 and float(good["gmacs"]) > 0
+    # The table names the hardware it was measured on: CPU model, cores, vector units.
+    assert good["machine"] == benchmark.machine_name("cpu")
+    assert f"{os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}" in good["machine"]
+    assert out.splitlines()[0] == f"machine: {good['machine']}"
     assert float(good["ms_per_img"]) == pytest.approx(1000 / float(good["img_per_s"]), rel=0.02)
     assert "unknown model 'no_such_model'" in rows[1]["error"]
     assert "image size 16 is below the smallest side 32" in rows[2]["error"]

@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import os
+import platform
 import statistics
 import threading
 import time
@@ -200,6 +201,7 @@ CSV_COLUMNS = (
     "img_size",
     "batch_size",
     "device",
+    "machine",
     "precision",
     "compiled",
     "channels_last",
@@ -440,15 +442,16 @@ def run_benchmark(
     if keep_freed_memory and not retain_freed_memory():
         _logger.warning("--keep-freed-memory needs glibc's mallopt; measuring without it")
         keep_freed_memory = False
+    device_error = device_problem(device)
     settings = {
         "device": device,
+        "machine": "" if device_error else machine_name(device),
         "precision": amp or "fp32",
         "compiled": ("default" if compile is True else compile) or False,
         "channels_last": channels_last,
         "threads": torch.get_num_threads(),
         "keep_freed_memory": keep_freed_memory,
     }
-    device_error = device_problem(device)
     if not device_error and torch.device(device).type == "cuda":
         # As timm's benchmark.py: cuDNN times its algorithms for each new shape (in warm-up).
         torch.backends.cudnn.benchmark = True
@@ -498,6 +501,35 @@ def run_benchmark(
             runners.clear()
             _release_free_memory()
     return rows
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``, else ``platform.processor``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name(device: str) -> str:
+    """The hardware a run measures, for its table: a GPU's name, or the CPU's model, cores and
+    vector units (``AMD EPYC, 2 cores, AVX512 BF16``). Ratios between models move with the
+    units: a matrix unit such as AMX speeds bfloat16 products up several times, so runs on
+    machines of one name but other units are not comparable."""
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        return torch.cuda.get_device_name(kind)
+    if kind.type != "cpu":
+        return kind.type
+    units = [torch.backends.cpu.get_cpu_capability()]  # the widest vector ISA torch uses
+    for name, check in (("BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")):
+        if getattr(torch.cpu, check, lambda: False)():
+            units.append(name)
+    return f"{_cpu_model()}, {os.cpu_count()} cores, {' '.join(units)}"
 
 
 def device_problem(device: str) -> str | None:
@@ -625,7 +657,9 @@ def report_text(report: dict[str, Any], ratios: Sequence[str] | None = None) -> 
     if ratios is None:
         ratios = speed_ratios(report["rows"])
     files = [f"wrote {path}" for path in report["files"]]
-    return "\n".join([report["table"], *ratios, *files])
+    machines = sorted({row["machine"] for row in report["rows"] if row.get("machine")})
+    header = [f"machine: {machine}" for machine in machines]
+    return "\n".join([*header, report["table"], *ratios, *files])
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
