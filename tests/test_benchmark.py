@@ -135,6 +135,7 @@ def test_cuda_without_gpu_is_one_line_per_row(monkeypatch) -> None:
     rows = run_benchmark(["sgformer_nano"], img_sizes=[64], device="cuda", **FAST)
     assert len(rows) == 1 and rows[0]["img_per_s"] is None
     assert rows[0]["error"] == "device 'cuda' requested but no CUDA GPU is available (torch.cuda)"
+    assert rows[0]["machine"] == ""  # nothing was measured on any machine
 
 
 def test_out_of_memory_becomes_a_row_and_others_still_run() -> None:

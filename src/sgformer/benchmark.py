@@ -522,7 +522,10 @@ def machine_name(device: str) -> str:
     machines of one name but other units are not comparable."""
     kind = torch.device(device)
     if kind.type == "cuda":
-        return torch.cuda.get_device_name(kind)
+        try:
+            return torch.cuda.get_device_name(kind)
+        except (AssertionError, RuntimeError):  # no such device: its rows say why
+            return device
     if kind.type != "cpu":
         return kind.type
     units = [torch.backends.cpu.get_cpu_capability()]  # the widest vector ISA torch uses
