@@ -252,20 +252,21 @@ class StackedLinear(nn.Linear):
         weight, bias = self.weight, self.bias
         if bias is not None and bias.shape[0] < self.out_features:
             bias = F.pad(bias, (self.out_features - bias.shape[0], 0))  # zeros: unbiased parts
-        split = (self.parts - 1) * self.out_features // self.parts
-        if torch.is_grad_enabled() and not is_traced():
-            cast = autocast_dtype(x.device.type)
-            if cast is not None:  # the Function's backward runs without autocast
-                x, weight = x.to(cast), weight.to(cast)
-                bias = None if bias is None else bias.to(cast)
-            *lead, c_in = x.shape
-            head, last = _StackedProduct.apply(x.reshape(-1, c_in), weight, bias, self.parts)
-            return head.unflatten(1, lead), last.unflatten(0, lead)  # P-1, ..., C; ..., C
         if onednn_serves(x, weight):
+            split = (self.parts - 1) * self.out_features // self.parts
             x = x.contiguous()
             head_bias, last_bias = (None, None) if bias is None else (bias[:split], bias[split:])
             head = ONEDNN_LINEAR(x, weight[:split], head_bias, "none", [], "")
             last = ONEDNN_LINEAR(x, weight[split:], last_bias, "none", [], "")
-        else:  # no backward to shape (or traced): the parts as column slices of one product
-            head, last = F.linear(x, weight, bias).split([split, self.out_features - split], -1)
-        return head.unflatten(-1, (self.parts - 1, -1)).movedim(-2, 0), last
+            return head.unflatten(-1, (self.parts - 1, -1)).movedim(-2, 0), last
+        cast = autocast_dtype(x.device.type)
+        if cast is not None:  # the Function's backward runs without autocast
+            x, weight = x.to(cast), weight.to(cast)
+            bias = None if bias is None else bias.to(cast)
+        *lead, c_in = x.shape
+        rows = x.reshape(-1, c_in)  # M, C_in
+        if torch.is_grad_enabled() and not is_traced():
+            head, last = _StackedProduct.apply(rows, weight, bias, self.parts)
+        else:  # no backward to shape; traced graphs keep to plain operators
+            head, last = _StackedProduct.forward(rows, weight, bias, self.parts)
+        return head.unflatten(1, lead), last.unflatten(0, lead)  # P-1, ..., C; ..., C

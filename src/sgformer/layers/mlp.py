@@ -53,8 +53,8 @@ class DepthwiseConvMlp(nn.Module):
         # h + dwconv(h) is one depthwise convolution whose centre tap is one larger: no sum
         # forward and no gradient sum backward over the widest tensor of the block (stage-1 MLP
         # of sgformer_s at batch 8 on the CPU, forward and backward: 51 -> 44 ms; bfloat16
-        # inference of sgformer_s at batch 16: 9 % faster). In CPU float32 inference GELU is the
-        # convolution's post-op (layers.fused.conv2d_gelu).
+        # inference of sgformer_s at batch 16: 9 % faster). In CPU inference (float32, or bfloat16
+        # autocast) GELU is the convolution's post-op (layers.fused.conv2d_gelu).
         weight = self.tapped_weight() if tapped_weight is None else tapped_weight  # Ch, 1, 3, 3
         h = self.drop1(conv_on_grid(h, grid, self.dwconv, weight=weight, gelu=True))  # B, N, Ch
         return self.drop2(self.fc2(h))
